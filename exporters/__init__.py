@@ -1,0 +1,1 @@
+"""Stages that turn a checkpoint into deployment artifacts (hf, onnx, fp16, int8, trt)."""

@@ -1,0 +1,1 @@
+"""Numerical verification of every stage against a float64 reference (DESIGN.md §6)."""
