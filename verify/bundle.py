@@ -1,0 +1,68 @@
+"""`verify_bundle`: run the checks of every exported stage and write reports/verify.*."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable
+
+from ..exporters.bundle import Bundle
+from ..exporters.errors import ArtifactError
+from ..exporters.presets import load_thresholds
+from .report import StageReport, VerifyReport
+
+# Stage name → "module:function"; each function is `check(ctx: CheckContext) -> StageReport`.
+STAGE_CHECKS: dict[str, str] = {
+    "hf": "exportline.verify.hf_check:check",
+    "onnx": "exportline.verify.onnx_check:check",
+    "fp16": "exportline.verify.quant_check:check_fp16",
+    "int8": "exportline.verify.quant_check:check_int8",
+    "trt": "exportline.verify.trt_check:check",
+}
+
+
+class CheckContext:
+    """What a stage check gets: the bundle, its manifest, the thresholds, a progress callback."""
+
+    def __init__(self, root: Path, manifest: dict, thresholds: dict, progress: Callable[[str], None]):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.thresholds = thresholds
+        self.progress = progress
+
+
+def verify_bundle(
+    root: Path, *, stages: list[str] | None = None, progress: Callable[[str], None] = lambda m: None
+) -> VerifyReport:
+    """Check `stages` (default: every stage the manifest records as done), write the reports."""
+    bundle = Bundle(root)
+    if not bundle.manifest_path.is_file():
+        raise ArtifactError(f"{root} has no manifest.json; export it first: exportline export SOURCE --out {root}")
+    manifest = bundle.read_manifest()
+    records = manifest.get("stages", {})
+    thresholds = load_thresholds()
+    thresholds = _merge_preset_thresholds(thresholds, manifest)
+    ctx = CheckContext(bundle.root, manifest, thresholds, progress)
+    names = stages if stages is not None else list(records)
+    reports = []
+    for name in [n for n in STAGE_CHECKS if n in names]:
+        record = records.get(name, {})
+        if record.get("status") == "skipped":
+            reports.append(StageReport(name, "skipped", reason=record.get("reason", "")))
+            continue
+        module, func = STAGE_CHECKS[name].split(":")
+        progress(f"verify: {name}")
+        reports.append(getattr(importlib.import_module(module), func)(ctx))
+    from ..exporters.doctor import environment_report
+
+    report = VerifyReport(reports, environment_report())
+    report.write(bundle.root / "reports")
+    return report
+
+
+def _merge_preset_thresholds(thresholds: dict, manifest: dict) -> dict:
+    overrides = manifest.get("source", {}).get("thresholds") or {}
+    merged = {k: dict(v) for k, v in thresholds.items()}
+    for k, v in overrides.items():
+        merged.setdefault(k, {}).update(v)
+    return merged
