@@ -13,6 +13,7 @@ the I/O names and dynamic dims come from shapes.KVLayout.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import warnings
@@ -57,22 +58,34 @@ def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
+def check_architecture(folder: Path) -> str:
+    """The folder's model_type, refused at once (before any weight is looked at) if unsupported."""
+    path = Path(folder) / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except FileNotFoundError:
+        raise SourceError(f"{folder} has no config.json; run the hf stage first (--stages hf,onnx)") from None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SourceError(f"{path} is not a JSON config ({exc}); re-run the hf stage with --force") from None
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"architecture {model_type!r} is not supported by the onnx stage; supported: {', '.join(supported_architectures())}"
+        )
+    return model_type
+
+
 def load_config(folder: Path):
     """The folder's transformers config, refused early if the graph could not honour it."""
     from transformers import AutoConfig
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise SourceError(f"{folder} has no config.json; run the hf stage first (--stages hf,onnx)")
+    check_architecture(folder)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, OSError, KeyError) as exc:
         raise SourceError(f"{folder}/config.json cannot be read by transformers: {str(exc).splitlines()[0]}") from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitecture(
-            f"architecture {model_type!r} is not supported by the onnx stage; supported: {', '.join(supported_architectures())}"
-        )
+    if config.model_type not in ARCHITECTURES:  # config.json and transformers disagree
+        raise UnsupportedArchitecture(f"architecture {config.model_type!r} is not supported by the onnx stage")
     _refuse_cropping_window(config)
     return config
 

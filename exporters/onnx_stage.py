@@ -9,7 +9,9 @@ from .pipeline import Stage, StageContext
 
 def _inputs(ctx: StageContext) -> list[str]:
     from .checkpoint_weights import weight_files
+    from .onnx_export import check_architecture
 
+    check_architecture(ctx.bundle.root)
     return ["config.json", *weight_files(ctx.bundle.root)]
 
 
