@@ -29,6 +29,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 EXPORTER = "torch.export (non-strict) + torch.onnx, weights streamed from safetensors"
 
+WRAPPER_PREFIX = "lm."  # traced initializer names are the wrapper's: lm.<parameter fqn>
 # Sample sizes for tracing: distinct and > 1, so torch.export neither specializes a dim
 # to 0/1 nor mistakes one dynamic dim for another.
 _TRACE_SIZES = {BATCH: 2, SEQUENCE: 3, PAST: 5}
@@ -143,12 +144,15 @@ def _kv_wrapper(model):
 
         def __init__(self, lm):
             super().__init__()
-            self.lm = lm
+            self.lm = lm  # the attribute name is WRAPPER_PREFIX
 
         def forward(self, input_ids, attention_mask, position_ids, past_key_values):
             cache = DynamicCache(config=self.lm.config)
-            for i in range(0, len(past_key_values), 2):
-                cache.update(past_key_values[i], past_key_values[i + 1], i // 2)
+            # The past becomes each layer's cache as is: `update` would concatenate it to an
+            # empty tensor, adding per-layer nodes outside the decoder layers.
+            for layer, i in zip(cache.layers, range(0, len(past_key_values), 2)):
+                layer.lazy_initialization(past_key_values[i], past_key_values[i + 1])
+                layer.keys, layer.values = past_key_values[i], past_key_values[i + 1]
             out = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True, return_dict=True,
@@ -185,7 +189,51 @@ def _trace_inputs(layout: KVLayout):
     return args, dynamic
 
 
-def trace_graph(model, layout: KVLayout, *, opset: int = OPSET):
+def _copy_plan(model, layout: KVLayout) -> tuple[str | None, dict[str, Any]]:
+    """The decoder stack to trace short and copy (onnx_replicate.py), or None and why not."""
+    from .onnx_replicate import TRACE_LAYERS, NotReplicable, decoder_stack, uniform_layer_config
+
+    if layout.num_layers <= TRACE_LAYERS:
+        return None, {}
+    try:
+        uniform_layer_config(model.config)
+        return decoder_stack(model), {}
+    except NotReplicable as exc:
+        return None, {"copy_refused": str(exc)}
+
+
+def build_graph(model, layout: KVLayout, weights, *, stack: str | None, opset: int = OPSET, lap=lambda name: None):
+    """The optimized ONNX graph (onnx_ir model) of `model` with its weights attached lazily.
+
+    With a `stack`, TRACE_LAYERS layers are traced and the rest copied from the last one
+    (onnx_replicate.replicate proves the copy exact or raises NotReplicable).
+    Returns the model and the tracing facts for the record.
+    """
+    import dataclasses
+
+    from .onnx_replicate import TRACE_LAYERS, replicate, truncated
+    from .onnx_weights import attach_weights, finalize, fold_weight_transposes, simplify
+
+    if stack:
+        with truncated(model, stack, TRACE_LAYERS):
+            ir_model = _trace(model, dataclasses.replace(layout, num_layers=TRACE_LAYERS), opset)
+    else:
+        ir_model = _trace(model, layout, opset)
+    lap("trace")
+    sources = attach_weights(ir_model.graph, model, weights, prefix=WRAPPER_PREFIX)
+    fold_weight_transposes(ir_model.graph, sources, weights)
+    simplify(ir_model)
+    if stack:
+        replicate(ir_model.graph, model, prefix=WRAPPER_PREFIX, stack=stack, total=layout.num_layers,
+                  sources=sources, weights=weights)
+    finalize(ir_model)
+    name_io(ir_model.graph, layout)
+    lap("optimize")
+    traced = TRACE_LAYERS if stack else layout.num_layers
+    return ir_model, {"layers_traced": traced, "layers_copied": layout.num_layers - traced}
+
+
+def _trace(model, layout: KVLayout, opset: int):
     """torch.export + torch.onnx translation, without the optimizer (it would read weights)."""
     import torch
 
@@ -202,7 +250,7 @@ def trace_graph(model, layout: KVLayout, *, opset: int = OPSET):
         except Exception as exc:  # torch raises many types; the first line says which step
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StageError(f"onnx: tracing {model.config.model_type} failed: {first}") from exc
-    return onnx_program.model, "lm."
+    return onnx_program.model
 
 
 @contextlib.contextmanager
@@ -244,12 +292,13 @@ class OnnxExport:
     weight_bytes: int  # bytes of the checkpoint's tensors
     files: dict[str, int]  # file name → bytes
     seconds: dict[str, float]  # phase → wall seconds
+    tracing: dict[str, Any]  # layers traced / copied (and why a copy was refused)
 
     def record(self) -> dict[str, Any]:
         return {
             "opset": self.opset, "exporter": self.exporter, "architecture": self.architecture,
             "graph_nodes": self.nodes, "initializers": self.initializers, "weight_bytes": self.weight_bytes,
-            "files": self.files, "phase_seconds": self.seconds,
+            "files": self.files, "phase_seconds": self.seconds, "tracing": self.tracing,
         }
 
 
@@ -258,7 +307,8 @@ def export_onnx(
 ) -> OnnxExport:
     """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`."""
     from .checkpoint_weights import CheckpointWeights
-    from .onnx_weights import attach_weights, fold_weight_transposes, optimize, save
+    from .onnx_replicate import TRACE_LAYERS, NotReplicable
+    from .onnx_weights import save
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -273,16 +323,16 @@ def export_onnx(
     weights = CheckpointWeights(hf_dir)  # headers only: fails fast on a broken checkpoint
     layout = KVLayout.from_config(config)
     model = build_skeleton(config)
+    stack, how = _copy_plan(model, layout)
     lap("skeleton")
-    progress(f"onnx: tracing {config.model_type} ({layout.num_layers} layers)")
-    ir_model, prefix = trace_graph(model, layout, opset=opset)
-    lap("trace")
-    sources = attach_weights(ir_model.graph, model, weights, prefix=prefix)
+    progress(f"onnx: tracing {config.model_type} ({TRACE_LAYERS if stack else layout.num_layers} of {layout.num_layers} layers)")
+    try:
+        ir_model, traced = build_graph(model, layout, weights, stack=stack, opset=opset, lap=lap)
+    except NotReplicable as exc:  # layers differ beyond their index: trace them all
+        how["copy_refused"] = str(exc)
+        progress(f"onnx: layers are not copies of each other ({exc}); tracing all {layout.num_layers}")
+        ir_model, traced = build_graph(model, layout, weights, stack=None, opset=opset, lap=lap)
     del model  # its untouched weight pages are released; the graph reads the checkpoint
-    fold_weight_transposes(ir_model.graph, sources, weights)
-    optimize(ir_model)
-    name_io(ir_model.graph, layout)
-    lap("optimize")
     progress(f"onnx: writing {weights.nbytes / 2**30:.2f} GiB of weights into {DATA_FILE}")
     out_dir.mkdir(parents=True, exist_ok=True)
     save(ir_model, out_dir / MODEL_FILE, DATA_FILE)
@@ -291,5 +341,5 @@ def export_onnx(
     return OnnxExport(
         opset=opset, exporter=EXPORTER, architecture=config.model_type,
         nodes=sum(1 for _ in ir_model.graph), initializers=len(ir_model.graph.initializers),
-        weight_bytes=weights.nbytes, files=files, seconds=seconds,
+        weight_bytes=weights.nbytes, files=files, seconds=seconds, tracing={**traced, **how},
     )

@@ -10,6 +10,8 @@ Nothing reads a weight before `save`, which writes one tensor at a time.
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +32,60 @@ class WeightSource:
     perm: tuple[int, ...] | None = None  # transpose applied on the way out
 
 
-def _lazy(weights: CheckpointWeights, source: WeightSource, dtype, shape, name: str):
+class _Scratch(threading.local):
+    """Per writer thread: one read buffer and one transpose buffer, grown to the largest
+    tensor and reused, instead of two fresh allocations (and their page faults) per tensor."""
+
+    def take(self, slot: str, nbytes: int) -> np.ndarray:
+        buf = getattr(self, slot, None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            setattr(self, slot, buf)
+        return buf[:nbytes]
+
+
+_SCRATCH = _Scratch()
+
+
+@functools.cache
+def _checkpoint_tensor_class():
     import onnx_ir as ir
+    import torch
+
+    class CheckpointTensor(ir.LazyTensor):
+        """An initializer's data: a checkpoint tensor, read (and transposed) when written."""
+
+        __slots__ = ("weights", "source")
+
+        def tofile(self, file) -> None:
+            # The writer calls this and writes at once, so scratch buffers are safe here;
+            # numpy()/tobytes() (used by the optimizer on small tensors) get fresh arrays.
+            stored = self.weights.tensors[self.source.key]
+            array = self.weights.read(self.source.key, self.dtype.numpy(), into=_SCRATCH.take("read", stored.nbytes))
+            if self.source.perm is not None:  # torch's blocked transpose copy is ~4x numpy's here
+                shape = [array.shape[i] for i in self.source.perm]
+                out = _SCRATCH.take("transposed", array.nbytes).view(array.dtype).reshape(shape)
+                torch.from_numpy(out).copy_(torch.from_numpy(array).permute(self.source.perm))
+                array = out
+            file.write(memoryview(array).cast("B"))
+
+    return CheckpointTensor
+
+
+def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, shape, name: str):
+    """An initializer's data: `source` read (and transposed) only when it is written."""
+    import onnx_ir as ir
+    import torch
 
     def materialize():
         array = weights.read(source.key, dtype.numpy())
         if source.perm is not None:
-            array = np.ascontiguousarray(array.transpose(source.perm))
+            array = torch.from_numpy(array).permute(source.perm).contiguous().numpy()
         return ir.Tensor(array, name=name)
 
-    return ir.LazyTensor(materialize, dtype=dtype, shape=ir.Shape(shape), name=name)
+    tensor = _checkpoint_tensor_class()(materialize, dtype=dtype, shape=ir.Shape(shape), name=name)
+    tensor.weights, tensor.source = weights, source
+    return tensor
 
 
 def _checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: str) -> str:
@@ -83,7 +129,7 @@ def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> 
         if key in graph.initializers and graph.initializers[key] is not value:
             raise StageError(f"onnx: two initializers map to checkpoint tensor {key}")
         value.name = key
-        value.const_value = _lazy(weights, WeightSource(key), value.dtype, stored.shape, key)
+        value.const_value = lazy_weight(weights, WeightSource(key), value.dtype, stored.shape, key)
         sources[key] = WeightSource(key)
     _refuse_skeleton_data(graph, model, torch)
     return sources
@@ -118,7 +164,7 @@ def fold_weight_transposes(graph, sources: dict[str, WeightSource], weights: Che
         perm = tuple(node.attributes.get_ints("perm", list(reversed(range(len(shape))))))
         name = f"{source.key}.transposed"
         out = ir.Value(name=name, shape=ir.Shape([shape[i] for i in perm]), type=weight.type)
-        out.const_value = _lazy(weights, WeightSource(source.key, perm), weight.dtype, out.shape.numpy(), name)
+        out.const_value = lazy_weight(weights, WeightSource(source.key, perm), weight.dtype, out.shape.numpy(), name)
         graph.register_initializer(out)
         ir.convenience.replace_all_uses_with(node.outputs[0], out)
         graph.remove(node, safe=True)
@@ -129,13 +175,39 @@ def fold_weight_transposes(graph, sources: dict[str, WeightSource], weights: Che
     return folded
 
 
-def optimize(model) -> None:
-    """onnxscript's optimizer (what torch.onnx runs with optimize=True): constant folding,
-    CSE, dead-code removal. Its folding reads only tensors below its size limit, so the
-    large weights stay unread until `save`."""
-    import onnxscript.optimizer
+def simplify(model) -> None:
+    """The local half of onnxscript's optimizer (what torch.onnx runs with optimize=True):
+    constant folding and its rewrite rules, twice. Folding reads only tensors below its
+    size limit, so the large weights stay unread until `save`."""
+    import onnx_ir.passes.common as passes
+    from onnxscript.optimizer import fold_constants_ir
+    from onnxscript.rewriter import rewrite
 
-    onnxscript.optimizer.optimize_ir(model)
+    passes.InlinePass()(model)
+    for _ in range(2):
+        fold_constants_ir(model, onnx_shape_inference=True)
+        rewrite(model)
+        passes.RemoveUnusedNodesPass()(model)
+
+
+def finalize(model) -> None:
+    """The graph-wide half of the optimizer, run once every layer is in the graph: constants
+    become initializers, equal small ones merge, common subexpressions merge, names fixed.
+
+    Merging equal initializers is graph-wide on purpose and comes after layer copying:
+    before it, two layers' equal norm weights would look like one shared tensor."""
+    import onnx_ir.passes.common as passes
+
+    for step in (
+        passes.RemoveUnusedNodesPass(),
+        passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        passes.DeduplicateInitializersPass(),
+        passes.CommonSubexpressionEliminationPass(),
+        passes.RemoveUnusedNodesPass(),
+        passes.OutputFixPass(),
+        passes.NameFixPass(),
+    ):
+        step(model)
 
 
 def save(model, path: Path, data_name: str) -> None:
