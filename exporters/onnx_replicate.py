@@ -73,12 +73,13 @@ class _Layers:
 
 
 def _partition(graph, scope: str, count: int) -> _Layers:
+    """Each node's decoder layer, from the module path torch.onnx records on it."""
     pattern = re.compile(re.escape(scope) + r"\.(\d+)$")
     nodes: list[list] = [[] for _ in range(count)]
     order = []  # layer of each node in graph order, -1 = shared
     layer_of: dict = {}  # value → layer that made it
     for node in graph:
-        layer, scopes = -1, eval_scopes(node)
+        layer, scopes = -1, _scopes(node)
         for entry in scopes:
             if m := pattern.match(entry):
                 layer = int(m.group(1))
@@ -102,22 +103,23 @@ def _partition(graph, scope: str, count: int) -> _Layers:
     return _Layers(nodes, owner)
 
 
-def eval_scopes(node) -> list[str]:
+def _scopes(node) -> list[str]:
     """The node's module path entries, e.g. ['', 'lm', 'lm.model', 'lm.model.layers.1', ...]."""
     raw = node.metadata_props.get(SCOPES, "")
     return [s.strip().strip("'\"") for s in raw.strip("[]").split(",")] if raw else []
 
 
 def _same_attr(a, b) -> bool:
+    import onnx_ir as ir
+
     if a.type != b.type or a.name != b.name or a.ref_attr_name != b.ref_attr_name:
         return False
-    va, vb = a.value, b.value
-    if hasattr(va, "numpy"):  # a tensor attribute (Constant's value)
-        x, y = va.numpy(), vb.numpy()
+    if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+        raise NotReplicable("control flow (subgraph attributes) in a decoder layer")
+    if a.type == ir.AttributeType.TENSOR:  # Constant's value
+        x, y = a.value.numpy(), b.value.numpy()
         return x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
-    if hasattr(va, "graph") or hasattr(va, "__iter__") and va and hasattr(next(iter(va)), "graph"):
-        raise NotReplicable("subgraph attributes")
-    return va == vb
+    return a.value == b.value
 
 
 class LayerNames:
@@ -230,10 +232,9 @@ class _Copier:
     """The graph inputs and initializers a copied layer reads in place of layer `last`'s:
     its own past inputs, and its own checkpoint tensors (same transpose as layer `last`)."""
 
-    def __init__(self, graph, model, *, prefix: str, sources: dict, weights):
-        self.graph, self.prefix, self.sources, self.weights = graph, prefix, sources, weights
+    def __init__(self, graph, model, *, prefix: str, names: LayerNames, sources: dict, weights):
+        self.graph, self.prefix, self.names, self.sources, self.weights = graph, prefix, names, sources, weights
         self.buffers = dict(model.named_buffers(remove_duplicate=False))
-        self.names: LayerNames | None = None
         self.new_inputs: dict[str, object] = {}
 
     def value_for(self, original, name: str, src: int, dst: int):
@@ -282,8 +283,7 @@ def replicate(graph, model, *, prefix: str, stack: str, total: int, sources: dic
         if layers.owner.get(presents.get(f"present.{last}.{kind}"), (None,))[0] != last:
             raise NotReplicable(f"present.{last}.{kind} is not made inside decoder layer {last}")
     suffix = _suffix_reads(graph, layers, last)
-    copier = _Copier(graph, model, prefix=prefix, sources=sources, weights=weights)
-    copier.names = names
+    copier = _Copier(graph, model, prefix=prefix, names=names, sources=sources, weights=weights)
     anchor, made_by = layers.nodes[last][-1], {last: {v: v for n in layers.nodes[last] for v in n.outputs}}
     for j in range(TRACE_LAYERS, total):
         # Layer j reads layer j-1 where layer `last` reads layer last-1.

@@ -5,7 +5,7 @@ written. `attach_weights` swaps every one of them for a lazy tensor that reads i
 checkpoint entry when the data file is written; `fold_weight_transposes` turns the
 `Transpose(W)` that torch emits for every Linear into a lazily transposed initializer, so
 the file holds W^T as ONNX MatMul wants it and nothing is transposed at session load.
-Nothing reads a weight before `save`, which writes one tensor at a time.
+No large weight is read before `save`, which writes one tensor at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from .errors import SourceError, StageError
 # Tensors up to this many bytes stay inside model.onnx (shape constants, scalars); every
 # weight goes to the one data file.
 _INLINE_BYTES = 1024
-_WRITERS = 2  # threads that read/transpose and write tensors; this machine has 2 cores
+# Threads that read/transpose and write tensors, so reading one overlaps writing another;
+# each holds two scratch buffers the size of the largest tensor.
+_WRITERS = 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,26 @@ def _checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: s
     )
 
 
+def _aliases(model) -> dict[str, list[str]]:
+    """Parameter name → every name of that parameter (tied weights have several)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: names for names in groups.values() for n in names}
+
+
+def check_checkpoint_covers(model, weights: CheckpointWeights) -> None:
+    """Every parameter has a checkpoint tensor of its shape: checked before tracing, so a
+    mismatched checkpoint fails in a second, not after the trace."""
+    aliases = _aliases(model)
+    for name, p in model.named_parameters():
+        key = _checkpoint_key(aliases[name], weights, model.base_model_prefix)
+        if tuple(weights.tensors[key].shape) != tuple(p.shape):
+            raise SourceError(
+                f"{weights.folder}: {key} has shape {list(weights.tensors[key].shape)}, config.json implies {list(p.shape)}"
+            )
+
+
 def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> dict[str, WeightSource]:
     """Point every parameter initializer at its checkpoint tensor; returns name → source.
 
@@ -109,10 +131,7 @@ def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> 
     """
     import torch
 
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    by_name = {n: names for names in aliases.values() for n in names}
+    by_name = _aliases(model)
     persistent = {n for n, _ in model.named_buffers()} & set(model.state_dict())
     sources: dict[str, WeightSource] = {}
     for value in list(graph.initializers.values()):

@@ -16,6 +16,7 @@ from exportline.exporters.bundle import Bundle
 from exportline.exporters.errors import ArtifactError, SourceError, UnsupportedArchitecture
 from exportline.exporters.onnx_export import ARCHITECTURES, DATA_FILE, MODEL_FILE, OPSET
 from exportline.exporters.onnx_files import check_onnx_files
+from exportline.exporters.onnx_replicate import TRACE_LAYERS
 from exportline.exporters.pipeline import run_pipeline
 from exportline.exporters.presets import load_preset, load_thresholds
 from exportline.exporters.shapes import KVLayout
@@ -25,16 +26,17 @@ from exportline.verify.metrics import compare
 # One tiny model per supported architecture (optimum's habit: a registered architecture
 # without a test model fails test_every_architecture_has_a_test_model). "preset" = exported
 # from a preset by the hf stage; the others are written with save_pretrained.
+# The preset has 2 layers (every layer traced); the others 6, so 4 are traced and 2 copied
+# (onnx_replicate.py): both paths are checked against the reference.
+LAYERS = 6
 _SMALL = dict(vocab_size=96, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DECODER = dict(_SMALL, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4)
 TEST_MODELS: dict[str, dict] = {
     "llama": {"preset": "tiny"},  # 4 heads over 2 KV heads: grouped-query attention
-    "gpt2": dict(_SMALL, n_embd=32, n_layer=2, n_head=4, n_positions=256, max_position_embeddings=None),
-    "mistral": dict(_SMALL, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, sliding_window=256),  # a window covering every position
-    "qwen2": dict(_SMALL, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1),
-    "phi3": dict(_SMALL, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
+    "gpt2": dict(_SMALL, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=256, max_position_embeddings=None),
+    "mistral": dict(_DECODER, num_key_value_heads=2, sliding_window=256),  # a window covering every position
+    "qwen2": dict(_DECODER, num_key_value_heads=1),
+    "phi3": dict(_DECODER, num_key_value_heads=2),
 }
 LONG = 67  # ≥ 64, and not a power of two
 
@@ -205,7 +207,59 @@ def test_graph_declares_shapes_py_io_and_one_data_file(exported):
     assert info["opset"] == OPSET and info["graph_nodes"] == len(model.graph.node)
     assert info["files"][DATA_FILE] == (root / "onnx" / DATA_FILE).stat().st_size
     assert "torch" in info["exporter"] and record["status"] == "done"
+    copied = 0 if layout.num_layers <= TRACE_LAYERS else layout.num_layers - TRACE_LAYERS
+    assert info["tracing"] == {"layers_traced": layout.num_layers - copied, "layers_copied": copied}
     assert check_onnx_files(root / "onnx" / MODEL_FILE).data_files == (root / "onnx" / DATA_FILE,)
+
+
+# -- copied layers -------------------------------------------------------------------------------
+def _ops(root: Path) -> list[tuple]:
+    import onnx
+
+    graph = onnx.load(str(root / "onnx" / MODEL_FILE), load_external_data=False).graph
+    return [(n.op_type, tuple(sorted(a.name for a in n.attribute))) for n in graph.node]
+
+
+def _initializers(root: Path) -> dict[str, bytes]:
+    import onnx
+    from onnx.numpy_helper import to_array
+
+    graph = onnx.load(str(root / "onnx" / MODEL_FILE)).graph
+    return {t.name: to_array(t).tobytes() for t in graph.initializer}
+
+
+def test_copied_layers_make_the_graph_a_full_trace_makes(tmp_path, monkeypatch):
+    from exportline.exporters import onnx_replicate
+
+    copied, full = tmp_path / "copied", tmp_path / "full"
+    for root in (copied, full):
+        _write_hf_folder(root, "qwen2")
+    run_pipeline(Bundle(copied), FolderSource("copied"), stages=["onnx"])
+    monkeypatch.setattr(onnx_replicate, "TRACE_LAYERS", 100)  # every layer traced
+    record = run_pipeline(Bundle(full), FolderSource("full"), stages=["onnx"]).ran[-1]
+    assert record["info"]["tracing"] == {"layers_traced": LAYERS, "layers_copied": 0}
+    assert _ops(copied) == _ops(full)
+    a, b = _initializers(copied), _initializers(full)
+    assert {k: v for k, v in a.items() if k.startswith("model.")} == {k: v for k, v in b.items() if k.startswith("model.")}
+    assert sorted(a.values()) == sorted(b.values())  # the other constants, whatever their names
+
+
+def test_layer_dependent_graph_is_traced_in_full_and_exact(tmp_path):
+    """GPT-2's scale_attn_by_inverse_layer_idx puts 1/(i+1) in each layer: no copying."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _write_hf_folder(tmp_path, "gpt2", scale_attn_by_inverse_layer_idx=True)
+    record = run_pipeline(Bundle(tmp_path), FolderSource("gpt2-scaled"), stages=["onnx"]).ran[-1]
+    assert record["info"]["tracing"]["layers_traced"] == LAYERS
+    assert "differ" in record["info"]["tracing"]["copy_refused"]
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    session = ort.InferenceSession(str(tmp_path / "onnx" / MODEL_FILE), providers=["CPUExecutionProvider"])
+    layout = KVLayout.from_config(ref.config)
+    for batch, seq, past, padded in (CASES[f"prefill b3 s{LONG} left-padded"], CASES[f"decode b3 past{LONG} left-padded"]):
+        ids, mask, kv = _inputs(layout, ref.config.vocab_size, batch=batch, seq=seq, past=past, padded=padded, seed=3)
+        _check_case(session, ref, ids=ids, mask=mask, past=kv)
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -231,16 +285,21 @@ def test_cropping_sliding_window_is_refused(tmp_path):
     assert "sliding_window=16" in _one_line(exc)
 
 
-def test_weights_not_matching_config_are_one_line(tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "reshaped"])
+def test_weights_not_matching_config_are_one_line(tmp_path, damage):
     from safetensors.numpy import load_file, save_file
 
     _write_hf_folder(tmp_path, "qwen2")
     state = load_file(tmp_path / "model.safetensors")
-    del state["model.layers.1.mlp.up_proj.weight"]
+    key = "model.layers.1.mlp.up_proj.weight"
+    if damage == "missing":
+        del state[key]
+    else:
+        state[key] = state[key][:-1]
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(SourceError) as exc:
         run_pipeline(Bundle(tmp_path), FolderSource("qwen2-broken"), stages=["onnx"])
-    assert "model.layers.1.mlp.up_proj.weight" in _one_line(exc)
+    assert key in _one_line(exc) and ("shape" in str(exc.value)) == (damage == "reshaped")
     assert not (tmp_path / "onnx").exists()
 
 
