@@ -1,0 +1,177 @@
+"""int8 stage: onnx/model.onnx → onnx/model_int8.onnx (+ model_int8.onnx_data), explicit Q/DQ.
+
+What is quantized: every MatMul whose B is a weight (q/k/v/o projections, MLP), int8,
+symmetric, zero point 0, per-channel weight scales on the output channel (axis 1 of B
+[K, N]) and per-tensor activation scales — the form TensorRT accepts (exporters/qdq_form.py
+checks it; a graph that fails is never written). What is not: the lm_head MatMul that
+produces `logits`, norms, softmax, the attention MatMuls between activations and the KV
+cache (softmax probabilities in symmetric int8 keep 7 bits), and MatMul outputs.
+
+Calibration runs on real text (`--calibration-data`, default configs/corpus.txt) tokenized
+with the bundle's tokenizer; held-out chunks (exporters/calibration.py) are never used. Each
+batch is fed as a prefill and then as decode steps whose past_key_values are the fp32
+model's own present outputs, so activation ranges cover the decode regime too.
+
+Tool: onnxruntime.quantization.quantize_static (QDQ, MinMax), part of the onnxruntime we
+already depend on. NVIDIA ModelOpt's ONNX PTQ targets the same form but pulls CUDA
+packages and a second onnxruntime build onto CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
+from .errors import StageError
+from .graph_walk import GraphIndex, topological_sort
+from .onnx_files import check_graph, external_data_files, load_graph, save_graph
+from .pipeline import Stage, StageContext
+from .qdq_form import qdq_form_problems, qdq_summary
+
+SOURCE = "onnx/model.onnx"
+TARGET = "onnx/model_int8.onnx"
+CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
+BATCH = 8  # sequences per calibration feed
+DECODE_STEPS = 8  # decode feeds after each prefill
+
+
+class KVCalibrationReader:
+    """onnxruntime CalibrationDataReader: per batch, one prefill feed (empty past) and then
+    DECODE_STEPS one-token feeds with the past the fp32 model itself produced."""
+
+    def __init__(self, model_path: Path, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS):
+        self.model_path, self.chunks, self.layout, self.decode_steps = model_path, chunks, layout, decode_steps
+        self.feeds = 0
+        self._it = None
+
+    def get_next(self) -> dict | None:
+        if self._it is None:
+            self._it = self._generate()
+        return next(self._it, None)
+
+    def _generate(self):
+        import numpy as np
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        presents = self.layout.present_names()
+        for start in range(0, len(self.chunks), BATCH):
+            ids = np.asarray(self.chunks[start : start + BATCH], dtype=np.int64)
+            batch, total = ids.shape
+            prefill = total - self.decode_steps
+            empty = np.zeros((batch, self.layout.num_kv_heads, 0, self.layout.head_dim), np.float32)
+            past = {name: empty for name in self.layout.past_names()}
+            for begin, end in [(0, prefill)] + [(p, p + 1) for p in range(prefill, total)]:
+                feed = {
+                    "input_ids": ids[:, begin:end],
+                    "attention_mask": np.ones((batch, end), np.int64),
+                    "position_ids": np.tile(np.arange(begin, end, dtype=np.int64), (batch, 1)),
+                    **past,
+                }
+                self.feeds += 1
+                yield feed
+                out = session.run(presents, feed)
+                past = dict(zip(self.layout.past_names(), out))
+
+
+def lm_head_nodes(model) -> list[str]:
+    """The MatMul/Gemm computing `logits` (through reshapes/casts): kept in float."""
+    index = GraphIndex(model.graph)
+    node = index.producer.get("logits")
+    while node is not None and node.op_type in ("Reshape", "Cast", "Identity", "Transpose", "Squeeze", "Unsqueeze"):
+        node = index.producer.get(node.input[0])
+    return [node.name] if node is not None and node.op_type in ("MatMul", "Gemm") else []
+
+
+def quantize(model_path: Path, out_path: Path, reader: KVCalibrationReader, exclude: list[str]) -> None:
+    """quantize_static into `out_path` (its own file naming); the stage re-saves the result."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(model_path), str(out_path), reader,
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False,
+        nodes_to_exclude=exclude, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        },
+    )
+
+
+def _layout(ctx: StageContext):
+    from transformers import AutoConfig
+
+    from .shapes import KVLayout
+
+    config = AutoConfig.from_pretrained(str(ctx.bundle.root))
+    return KVLayout.from_config(config), config.max_position_embeddings
+
+
+@contextlib.contextmanager
+def _quiet():
+    """quantize_static advises "pre-processing" through the root logger and its sessions
+    log graph warnings; library code does not print (the facts go to the stage record)."""
+    import logging
+
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+
+
+def _run(ctx: StageContext) -> dict[str, Any]:
+    source = ctx.bundle_file(SOURCE)
+    layout, max_positions = _layout(ctx)
+    text = calibration_path(ctx.options.get("calibration_data"))
+    split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
+    chunks = spread(split.calibration, CALIBRATION_CHUNKS)
+    exclude = lm_head_nodes(load_graph(source, infer=False))
+    reader = KVCalibrationReader(source, chunks, layout)
+    ctx.progress(f"int8: calibrating on {len(chunks)} sequences of {split.chunk_tokens} tokens from {text.name}")
+    with tempfile.TemporaryDirectory(prefix="ort-quant-") as scratch, _quiet():
+        raw = Path(scratch) / "model_int8.onnx"
+        quantize(source, raw, reader, exclude)
+        model = load_graph(raw, infer=False)
+    problems = qdq_form_problems(model)
+    if problems:
+        raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
+    topological_sort(model.graph)
+    target = ctx.tmp / TARGET
+    files = save_graph(model, target)
+    check_graph(target)
+    return {
+        **qdq_summary(model),
+        "float_nodes_kept": exclude,
+        "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
+        "calibration": {**split.describe(), "sequences": len(chunks), "feeds": reader.feeds,
+                        "decode_steps_per_batch": DECODE_STEPS, "method": "MinMax"},
+        "files": [f"onnx/{f}" for f in files], "quantizer": "onnxruntime.quantization.quantize_static",
+    }
+
+
+def _options(opts: dict[str, Any]) -> dict[str, Any]:
+    """What enters the fingerprint: the calibration text by content (None = the shipped corpus)."""
+    path = calibration_path(opts.get("calibration_data"))
+    return {"calibration_data": opts.get("calibration_data"), "calibration_sha256": file_sha256(path),
+            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS}
+
+
+def _inputs(ctx: StageContext) -> list[str]:
+    return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json", "tokenizer.json"]
+
+
+STAGE = Stage(name="int8", run=_run, inputs=_inputs, versions=("onnx", "onnxruntime", "tokenizers"), options=_options)
