@@ -69,7 +69,7 @@ def split_text(path: Path, tokenizer, *, max_positions: int, chunk_tokens: int =
     # Line by line: one call on the whole file makes transformers warn that the text is
     # longer than the model; concatenated, the lines are the same token stream.
     lines = text.splitlines(keepends=True)
-    ids = [t for row in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in row] if lines else []
+    ids = [t for row in tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] for t in row] if lines else []
     chunks = [ids[i : i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
     if len(chunks) < MIN_CHUNKS:
         raise ConfigError(
