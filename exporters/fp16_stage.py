@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .graph_walk import GraphIndex, remove_dead_nodes, topological_sort
-from .onnx_files import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from .graph_io import check_graph, external_data_files, load_graph, save_graph, weightless_copy
 from .pipeline import Stage, StageContext
 
 SOURCE = "onnx/model.onnx"

@@ -27,7 +27,7 @@ from typing import Any
 from .calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
 from .errors import StageError
 from .graph_walk import GraphIndex, topological_sort
-from .onnx_files import check_graph, external_data_files, load_graph, save_graph
+from .graph_io import check_graph, external_data_files, load_graph, save_graph
 from .pipeline import Stage, StageContext
 from .qdq_form import qdq_form_problems, qdq_summary
 
