@@ -24,9 +24,10 @@ def external_data_files(root: Path, rel: str) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in model.parent.glob(model.name + "?data"))
 
 
-def load_graph(path: Path, *, infer: bool = True):
-    """The model with its weights in memory; `infer` adds value_info types first (needed by
-    the fp16 converter), on the weightless graph so the 2 GiB protobuf limit never applies."""
+def load_graph(path: Path, *, infer: bool = True, weights: bool = True):
+    """The model with its weights in memory (`weights=False`: the graph only); `infer` adds
+    value_info types first (needed by the fp16 converter), on the weightless graph so the
+    2 GiB protobuf limit never applies."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -37,7 +38,8 @@ def load_graph(path: Path, *, infer: bool = True):
         model = onnx.load(str(path), load_external_data=False)
         if infer:
             model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-        load_external_data_for_model(model, str(path.parent))
+        if weights:
+            load_external_data_for_model(model, str(path.parent))
     except (OSError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ArtifactError(f"cannot read {path}: {exc}; re-run the onnx stage with --force") from None
     return model

@@ -20,7 +20,7 @@ packages and a second onnxruntime build onto CPU-only machines.
 from __future__ import annotations
 
 import contextlib
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from .graph_walk import GraphIndex, topological_sort
 from .graph_io import check_graph, external_data_files, load_graph, save_graph
 from .pipeline import Stage, StageContext
 from .qdq_form import qdq_form_problems, qdq_summary
+from .smoothing import apply as smooth
+from .smoothing import channel_absmax, find_groups
 
 SOURCE = "onnx/model.onnx"
 TARGET = "onnx/model_int8.onnx"
@@ -51,6 +53,9 @@ class KVCalibrationReader:
         if self._it is None:
             self._it = self._generate()
         return next(self._it, None)
+
+    def __iter__(self):
+        return self._generate()
 
     def _generate(self):
         import numpy as np
@@ -88,17 +93,30 @@ def lm_head_nodes(model) -> list[str]:
     return [node.name] if node is not None and node.op_type in ("MatMul", "Gemm") else []
 
 
-def quantize(model_path: Path, out_path: Path, reader: KVCalibrationReader, exclude: list[str]) -> None:
-    """quantize_static into `out_path` (its own file naming); the stage re-saves the result."""
+def weight_matmuls(model) -> list[str]:
+    """MatMuls whose B is a weight initializer, lm_head excluded. Named explicitly because
+    quantize_static's MatMulConstBOnly accepts any B with an initializer *upstream*, which
+    in a KV-cache graph includes the attention MatMuls (K via Reshape(shape constant))."""
+    index = GraphIndex(model.graph)
+    head = set(lm_head_nodes(model))
+    return [
+        n.name for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in index.initializers and n.name not in head
+    ]
+
+
+def quantize(model_path: Path, out_path: Path, reader: KVCalibrationReader, nodes: list[str]) -> None:
+    """quantize_static of exactly `nodes` into `out_path` (its own file naming); the stage
+    re-saves the result."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
         str(model_path), str(out_path), reader,
         quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False,
-        nodes_to_exclude=exclude, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
         extra_options={
-            "ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+            "ActivationSymmetric": True, "WeightSymmetric": True,
             "OpTypesToExcludeOutputQuantization": ["MatMul"],
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         },
@@ -139,13 +157,29 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     text = calibration_path(ctx.options.get("calibration_data"))
     split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
-    exclude = lm_head_nodes(load_graph(source, infer=False))
-    reader = KVCalibrationReader(source, chunks, layout)
-    ctx.progress(f"int8: calibrating on {len(chunks)} sequences of {split.chunk_tokens} tokens from {text.name}")
-    with tempfile.TemporaryDirectory(prefix="ort-quant-") as scratch, _quiet():
-        raw = Path(scratch) / "model_int8.onnx"
-        quantize(source, raw, reader, exclude)
-        model = load_graph(raw, infer=False)
+    graph = load_graph(source, infer=False, weights=False)
+    nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
+    if not nodes:
+        raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize; re-export it with the onnx stage")
+    groups = find_groups(graph, set(nodes))
+    scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); removed below
+    try:
+        ctx.progress(f"int8: SmoothQuant statistics on {len(chunks)} sequences of {split.chunk_tokens} tokens from {text.name}")
+        with _quiet():
+            stats = channel_absmax(source, graph, groups, KVCalibrationReader(source, chunks, layout), scratch / "stats")
+        del graph
+        model = load_graph(source, infer=False)
+        smooth_facts = smooth(model, groups, stats)
+        smoothed = scratch / "smoothed" / "model.onnx"
+        save_graph(model, smoothed)
+        del model
+        reader = KVCalibrationReader(source, chunks, layout)
+        ctx.progress(f"int8: calibrating {len(nodes)} MatMuls")
+        with _quiet():
+            quantize(smoothed, scratch / "quantized" / "model_int8.onnx", reader, nodes)
+        model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     problems = qdq_form_problems(model)
     if problems:
         raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
@@ -155,7 +189,8 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     check_graph(target)
     return {
         **qdq_summary(model),
-        "float_nodes_kept": exclude,
+        "float_nodes_kept": kept,
+        "smoothing": smooth_facts,
         "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
         "calibration": {**split.describe(), "sequences": len(chunks), "feeds": reader.feeds,
                         "decode_steps_per_batch": DECODE_STEPS, "method": "MinMax"},
