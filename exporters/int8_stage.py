@@ -175,6 +175,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         del model
         reader = KVCalibrationReader(source, chunks, layout)
         ctx.progress(f"int8: calibrating {len(nodes)} MatMuls")
+        (scratch / "quantized").mkdir()
         with _quiet():
             quantize(smoothed, scratch / "quantized" / "model_int8.onnx", reader, nodes)
         model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
