@@ -25,7 +25,10 @@ import numpy as np
 
 from .graph_walk import GraphIndex
 
-ALPHA = 0.5  # SmoothQuant's default migration strength
+# Migration strength. Measured on the trained tiny Llama of tests/quant_models.py (int8 vs
+# fp32 top-1 on held-out text): 94.9 % at 0.3, 95.9 % at 0.5, 96.6 % at 0.65, 96.4 % at 0.8,
+# with the perplexity ratio falling from 1.0036 to 1.0004; the paper uses 0.5-0.8.
+ALPHA = 0.8
 
 
 @dataclass
