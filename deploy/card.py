@@ -69,7 +69,10 @@ def load_inputs(root: Path, *, manifest: dict | None = None, repo_id: str | None
             raise ArtifactError(f"{root} has no manifest.json; export it first: exportline export SOURCE --out {root}")
         manifest = bundle.read_manifest()
     config_path = root / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{config_path} is not valid JSON ({exc}); re-run the hf stage with --force") from None
     return CardInputs(root, manifest, config, read_verify(root), read_bench(root), repo_id)
 
 

@@ -20,7 +20,7 @@ RepoIdOpt = Annotated[str, typer.Option("--repo-id", help="Hub repository, ORG/N
 TokenOpt = Annotated[Optional[str], typer.Option(
     "--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` store). Never printed or written.")]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the repo private; refuses an existing public one.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; upload nothing.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded (paths, sizes); upload nothing.")]
 DatasetOpt = Annotated[Optional[list[str]], typer.Option("--dataset", help="Dataset repo id to link (repeatable); kept in the manifest.")]
 
 card_app = typer.Typer(name="card", help="The bundle's model card (README.md).", no_args_is_help=True)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..exporters.bundle import MANIFEST, Bundle, sha256_file
-from ..exporters.errors import ConfigError, HubError
+from ..exporters.errors import ArtifactError, ConfigError, HubError
 from .card import README
+from .card_check import check_card
 from .prepare import prepare_locked
 from .scan import refuse_secrets
 
@@ -159,6 +160,10 @@ def push_bundle(
     with bundle.lock():
         progress("preparing README.md, hubconf.py and manifest.json")
         manifest = prepare_locked(bundle, repo_id=repo_id)
+        problems = check_card(bundle.root)
+        if problems:  # e.g. a report text carrying "TODO" into the card
+            raise ArtifactError(f"the generated model card fails its check: {problems[0]}; fix the report it comes "
+                                f"from, then push again (exportline card check {bundle.root} lists all)")
         listed = [f["path"] for f in manifest["files"]]
         refuse_secrets(bundle.root, listed + [MANIFEST], token)
         files = [UploadFile(f["path"], f["bytes"], f["sha256"]) for f in manifest["files"]

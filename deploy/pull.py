@@ -41,7 +41,10 @@ def pull_bundle(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out} exists and is not empty; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out.parent}: {exc.strerror}; pick a writable --out") from None
     tmp = out.parent / f".{out.name}.pull-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     revision = revision or "main"

@@ -155,6 +155,9 @@ def write_triton_repo(
             model.engine_check = check_engine(root, plan)
         (tmp / "config.pbtxt").write_text(render_config(model))
         os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write {final}: {exc.strerror}; pick a writable --triton folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -165,7 +165,11 @@ def test_token_never_printed_or_written(local_hub, deploy_bundle, tmp_path):
         local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token),
         local_hub.cli("pull", REPO, "--out", str(out), "--token", local_hub.token),
     ]
-    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
+    local_hub.home.mkdir(parents=True, exist_ok=True)
+    (local_hub.home / "token").write_text(local_hub.token)  # where `hf auth login` keeps it
+    runs.append(local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, "--private", "--tag", "v0.1.0"))
+    assert [r.returncode for r in runs[:3]] == [0, 0, 0], [r.stderr for r in runs]
+    assert runs[3].returncode != 0 and "is public, but --private" in runs[3].stderr  # authenticated via the store
     for r in runs:
         assert local_hub.token not in r.stdout + r.stderr
     for folder in (deploy_bundle, out):
