@@ -37,9 +37,7 @@ def build_bundle(dest: Path) -> Path:
     write_reports(dest / "reports")
     from exportline.exporters.bundle import Bundle
 
-    bundle = Bundle(dest)
-    with bundle.lock():
-        bundle.write_manifest(bundle.read_manifest())
+    Bundle(dest).refresh_manifest()
     return dest
 
 
@@ -48,9 +46,9 @@ def write_standin_onnx(path: Path, config: dict, *, kv_type: str = "float32") ->
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from exportline.exporters.shapes import KVLayout
-
     from types import SimpleNamespace
+
+    from exportline.exporters.shapes import KVLayout
 
     layout = KVLayout.from_config(SimpleNamespace(**config))
     kv = TensorProto.FLOAT16 if kv_type == "float16" else TensorProto.FLOAT
