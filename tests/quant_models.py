@@ -29,7 +29,7 @@ def write_tokenizer(dest: Path):
 
 
 def train_tiny_llama(
-    dest: Path, *, steps: int = 300, batch: int = 16, window: int = 64, lr: float = 1e-2, seed: int = 0
+    dest: Path, *, steps: int = 500, batch: int = 16, window: int = 64, lr: float = 1e-2, seed: int = 0
 ) -> dict:
     """Train and save an HF folder (config, safetensors, tokenizer) at `dest`; returns facts
     including the training loss and the torch perplexity on the held-out chunks."""
@@ -84,3 +84,28 @@ def heldout_ppl(model, chunks) -> float:
     with torch.inference_mode():
         ids = torch.tensor(chunks[:16], dtype=torch.long)
         return math.exp(float(model(input_ids=ids, labels=ids).loss))
+
+
+class FolderSource:
+    """An HF folder the test already wrote at the bundle root (the sources helper adds the
+    real HF-folder source; until then the tests run stages onnx,fp16,int8 on it)."""
+
+    def __init__(self, name: str, tag: str):
+        self.name, self.tag = name, tag
+
+    def describe(self) -> dict:
+        return {"kind": "hf-folder (test)", "labels": []}
+
+    def fingerprint(self) -> str:
+        return self.tag
+
+
+def export_bundle(root: Path, source, stages: list[str], **options):
+    from exportline.exporters.bundle import Bundle
+    from exportline.exporters.pipeline import run_pipeline
+
+    return run_pipeline(Bundle(root), source, stages=stages, options=options)
+
+
+def stage_info(root: Path, stage: str) -> dict:
+    return json.loads((root / "manifest.json").read_text())["stages"][stage]
