@@ -1,6 +1,6 @@
 """int8 stage: onnx/model.onnx → onnx/model_int8.onnx (+ model_int8.onnx_data), explicit Q/DQ.
 
-What is quantized: every MatMul whose B is a weight (q/k/v/o projections, MLP), int8,
+What is quantized: every MatMul/Gemm whose B is a weight (q/k/v/o projections, MLP), int8,
 symmetric, zero point 0, per-channel weight scales on the output channel (axis 1 of B
 [K, N]) and per-tensor activation scales — the form TensorRT accepts (exporters/qdq_form.py
 checks it; a graph that fails is never written). What is not: the lm_head MatMul that
@@ -97,14 +97,14 @@ def lm_head_nodes(model) -> list[str]:
 
 
 def weight_matmuls(model) -> list[str]:
-    """MatMuls whose B is a weight initializer, lm_head excluded. Named explicitly because
-    quantize_static's MatMulConstBOnly accepts any B with an initializer *upstream*, which
-    in a KV-cache graph includes the attention MatMuls (K via Reshape(shape constant))."""
+    """MatMul/Gemm nodes whose B is a weight initializer, lm_head excluded. Named explicitly
+    because quantize_static's MatMulConstBOnly accepts any B with an initializer *upstream*,
+    which in a KV-cache graph includes the attention MatMuls (K via Reshape(shape constant))."""
     index = GraphIndex(model.graph)
     head = set(lm_head_nodes(model))
     return [
         n.name for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[1] in index.initializers and n.name not in head
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in index.initializers and n.name not in head
     ]
 
 
@@ -115,13 +115,15 @@ def quantize(model_path: Path, out_path: Path, reader: KVCalibrationReader, node
 
     quantize_static(
         str(model_path), str(out_path), reader,
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False,
         nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
         extra_options={
             "ActivationSymmetric": True, "WeightSymmetric": True,
-            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+            # B [K, N]: output channels on axis 1; Gemm picks 0 or 1 from transB itself
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            "QuantizeBias": False,  # TensorRT takes float biases; int32 bias DQ is ORT-only
         },
     )
 

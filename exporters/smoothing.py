@@ -2,15 +2,15 @@
 
 Per-tensor int8 activations lose the small channels when a few channels carry outliers
 (in Llama, the input of down_proj above all). SmoothQuant divides activation channel j by
-s_j and multiplies row j of the next weight by s_j — the product is unchanged — with
+s_j and multiplies input row j of the next weight by s_j — the product is unchanged — with
 s_j = max|X_j|^α / max|W_j|^(1-α), moving part of the range into the weights, which are
 quantized per output channel anyway. The division is folded into the op that produces X,
 so the graph gains no node:
-- X = norm_weight ⊙ normalized (RMSNorm/LayerNorm output read by q/k/v or gate/up):
-  norm_weight /= s;
+- X = norm_weight ⊙ normalized (decomposed RMSNorm read by q/k/v or gate/up): norm_weight /= s;
+- X = LayerNormalization(x, scale, bias) (fused norms, e.g. GPT-2): scale /= s, bias /= s;
 - X = silu(gate) ⊙ up (the input of down_proj): up_proj's weight columns /= s (a column
   scale, to which up_proj's own per-output-channel quantization is invariant).
-A group is smoothed only when every reader of X is a MatMul being quantized; anything
+A group is smoothed only when every reader of X is a MatMul/Gemm being quantized; anything
 else would see the scaled X. This is the "int8_sq" recipe TensorRT's ModelOpt uses.
 """
 
@@ -31,13 +31,23 @@ from .graph_walk import GraphIndex
 ALPHA = 0.8
 
 
+_FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+
+
 @dataclass
 class SmoothGroup:
     activation: str  # the tensor X the MatMuls read
     source: str  # initializer divided by s: a norm weight [C], or up_proj's weight [H, C]
     axis: int  # the axis of `source` indexed by channel (0 for a vector, 1 for columns)
-    mul: str  # the Mul node producing `activation`
-    weights: list[str] = field(default_factory=list)  # MatMul B initializers [C, N], rows × s
+    node: str  # the node producing `activation` (reads `source`, or up_proj's output)
+    weights: list[tuple[str, int]] = field(default_factory=list)  # (B initializer, its input-channel axis)
+    bias: str | None = None  # a fused norm's bias, divided by s too
+
+
+def input_axis(node) -> int:
+    """The axis of B indexed by input channel: 0 for MatMul [K, N], 1 for Gemm with transB."""
+    trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    return 1 if trans_b else 0
 
 
 def find_groups(model, quantized: set[str]) -> list[SmoothGroup]:
@@ -47,24 +57,30 @@ def find_groups(model, quantized: set[str]) -> list[SmoothGroup]:
         readers = index.consumers.get(act, [])
         if not readers or any(r.name not in quantized or r.input[0] != act for r in readers):
             continue
-        found = _source(index, act)
-        if found is not None and found[2]:  # an unnamed Mul could not be found again
-            groups.append(SmoothGroup(act, *found, weights=[r.input[1] for r in readers]))
+        group = _source(index, act)
+        if group is not None and group.node:  # an unnamed node could not be found again
+            group.weights = [(r.input[1], input_axis(r)) for r in readers]
+            groups.append(group)
     return groups
 
 
-def _source(index: GraphIndex, act: str) -> tuple[str, int, str] | None:
-    mul = index.producer.get(act)
-    if mul is None or mul.op_type != "Mul":
+def _source(index: GraphIndex, act: str) -> SmoothGroup | None:
+    node = index.producer.get(act)
+    if node is None:
         return None
-    for name in mul.input:
+    if node.op_type in _FUSED_NORMS and node.input[1] in index.initializers:
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in index.initializers else None
+        return SmoothGroup(act, node.input[1], 0, node.name, bias=bias)
+    if node.op_type != "Mul":
+        return None
+    for name in node.input:
         init = index.initializers.get(name)
         if init is not None and len(init.dims) == 1:
-            return name, 0, mul.name  # norm weight (apply() unshares it if other norms read it)
+            return SmoothGroup(act, name, 0, node.name)  # norm weight (apply() unshares it)
         up = index.producer.get(name)
         if (init is None and up is not None and up.op_type == "MatMul" and up.input[1] in index.initializers
                 and len(index.consumers[name]) == 1 and len(index.consumers[up.input[1]]) == 1):
-            return up.input[1], 1, mul.name  # up_proj, read by the gating Mul only
+            return SmoothGroup(act, up.input[1], 1, node.name)  # up_proj, read by the gating Mul only
     return None
 
 
@@ -81,7 +97,8 @@ def channel_absmax(model_path: Path, graph_only, groups: list[SmoothGroup], feed
     aug.CopyFrom(graph_only)
     outputs, stats = [], {}
     for g in groups:
-        channels = index.initializers[g.weights[0]].dims[0]
+        name, axis = g.weights[0]
+        channels = index.initializers[name].dims[axis]
         stats[g.activation] = np.zeros(channels, np.float32)
         shape, axes = (f"{g.activation}__smooth_{s}" for s in ("shape", "axes"))
         aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, channels], np.int64), shape),
@@ -125,38 +142,41 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha
     from onnx import numpy_helper
 
     index = GraphIndex(model.graph)
-    inits = index.initializers
     largest = 1.0
     for g in groups:
-        if g.axis == 0 and len(index.consumers[g.source]) > 1:  # a norm weight other norms share
-            g.source = _unshare(model, index, g)
-            inits = {t.name: t for t in model.graph.initializer}
-        weights = [numpy_helper.to_array(inits[w]).astype(np.float32) for w in g.weights]
-        w_max = np.max(np.stack([np.abs(w).max(axis=1) for w in weights]), axis=0)
-        a_max = absmax[g.activation]
+        if g.axis == 0:  # norm parameters other norms share (exporters dedupe equal weights)
+            g.source = _private(model, index, g.node, g.source)
+            g.bias = _private(model, index, g.node, g.bias) if g.bias else None
+        inits = {t.name: t for t in model.graph.initializer}
+        weights = [(numpy_helper.to_array(inits[w]).astype(np.float32), axis) for w, axis in g.weights]
+        w_max = np.max(np.stack([np.abs(w).max(axis=1 - axis) for w, axis in weights]), axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.power(a_max, alpha) / np.power(w_max, 1.0 - alpha)
+            s = np.power(absmax[g.activation], alpha) / np.power(w_max, 1.0 - alpha)
         s = np.where(np.isfinite(s) & (s > 0), s, 1.0).clip(1e-5, 1e5).astype(np.float32)
         largest = max(largest, float(s.max() / s.min()))
-        source = numpy_helper.to_array(inits[g.source]).astype(np.float32)
-        source = source / (s if g.axis == 0 else s[None, :])
-        _replace(inits[g.source], source)
-        for name, w in zip(g.weights, weights):
-            _replace(inits[name], w * s[:, None])
+        for name in (g.source, g.bias):
+            if name:
+                value = numpy_helper.to_array(inits[name]).astype(np.float32)
+                _replace(inits[name], value / (s if value.ndim == 1 else s[None, :]))
+        for (name, _), (w, axis) in zip(g.weights, weights):
+            _replace(inits[name], w * (s[:, None] if axis == 0 else s[None, :]))
     return {"method": "SmoothQuant", "alpha": alpha, "groups": len(groups),
             "norm_folds": sum(g.axis == 0 for g in groups), "mlp_folds": sum(g.axis == 1 for g in groups),
             "max_scale_spread": round(largest, 2)}
 
 
-def _unshare(model, index: GraphIndex, g: SmoothGroup) -> str:
-    """Give the norm Mul its own copy of the weight (exporters may dedupe equal weights)."""
-    mul = next(n for n in model.graph.node if n.name == g.mul)
-    private = f"{g.source}.smooth.{g.mul}"
+def _private(model, index: GraphIndex, node_name: str, init: str) -> str:
+    """`init` as read by `node_name` only: a copy when other nodes read it too."""
+    readers = index.consumers[init]
+    if len(readers) <= 1:
+        return init
+    node = next(n for n in readers if n.name == node_name)
+    private = f"{init}.smooth.{node_name}"
     copy = model.graph.initializer.add()
-    copy.CopyFrom(index.initializers[g.source])
+    copy.CopyFrom(index.initializers[init])
     copy.name = private
-    mul.input[list(mul.input).index(g.source)] = private
-    index.consumers[g.source].remove(next(n for n in index.consumers[g.source] if n.name == g.mul))
+    node.input[list(node.input).index(init)] = private
+    readers.remove(node)
     return private
 
 
