@@ -58,14 +58,20 @@ def find_groups(model, quantized: set[str]) -> list[SmoothGroup]:
         if not readers or any(r.name not in quantized or r.input[0] != act for r in readers):
             continue
         group = _source(index, act)
-        if group is not None and group.node:  # an unnamed node could not be found again
-            group.weights = [(r.input[1], input_axis(r)) for r in readers]
+        if group is None or not group.node:  # an unnamed node could not be found again
+            continue
+        group.weights = [(r.input[1], input_axis(r)) for r in readers]
+        channels = {index.initializers[w].dims[axis] for w, axis in group.weights}
+        if channels == {index.initializers[group.source].dims[group.axis]}:  # same C on both sides
             groups.append(group)
     return groups
 
 
 def _source(index: GraphIndex, act: str) -> SmoothGroup | None:
     node = index.producer.get(act)
+    # Gemm reads a 2-D view [batch·sequence, C] of the norm output: channels are unchanged
+    while node is not None and node.op_type == "Reshape" and len(index.consumers[node.input[0]]) == 1:
+        node = index.producer.get(node.input[0])
     if node is None:
         return None
     if node.op_type in _FUSED_NORMS and node.input[1] in index.initializers:
