@@ -109,3 +109,18 @@ def export_bundle(root: Path, source, stages: list[str], **options):
 
 def stage_info(root: Path, stage: str) -> dict:
     return json.loads((root / "manifest.json").read_text())["stages"][stage]
+
+
+def write_tiny_gpt2(dest: Path) -> None:
+    """A random GPT-2 (fused LayerNormalization, Gemm weights) with non-trivial norm
+    parameters, so a SmoothQuant fold into scale/bias that went wrong would show."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(dest)
