@@ -118,7 +118,8 @@ def write_tiny_gpt2(dest: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    config = GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:

@@ -202,3 +202,31 @@ def test_smoothing_folds_into_fused_layernorm(tmp_path):
     write_tiny_gpt2(root)
     export_bundle(root, FolderSource("gpt2-tiny", "seed0"), ["onnx"])
     assert _smoothed_logits_change(root, tmp_path, expect_groups=4) < 1e-5
+
+
+@pytest.mark.slow
+def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
+    """Asymmetric uint8 activations (ORT's CPU default) fail the form check: the stage
+    raises and the bundle keeps its previous int8 graph, byte for byte."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from exportline.exporters import int8_stage
+    from exportline.exporters.bundle import sha256_file
+    from exportline.exporters.errors import StageError
+
+    def asymmetric(model_path, out_path, reader, nodes):
+        quantize_static(str(model_path), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        use_external_data_format=True)
+
+    root, _ = trained
+    before = sha256_file(root / "onnx" / "model_int8.onnx")
+    monkeypatch.setattr(int8_stage, "quantize", asymmetric)
+    with pytest.raises(StageError, match="not in TensorRT's form") as err:
+        from exportline.exporters.bundle import Bundle
+        from exportline.exporters.pipeline import run_pipeline
+
+        run_pipeline(Bundle(root), FolderSource("trained-tiny", "seed0"), stages=["int8"], force=True)
+    assert "uint8" in str(err.value) and "\n" not in str(err.value)
+    assert sha256_file(root / "onnx" / "model_int8.onnx") == before
+    assert not (root / ".exportline-tmp").exists()
