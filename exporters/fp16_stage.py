@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import StageError
 from .graph_walk import GraphIndex, remove_dead_nodes, topological_sort
 from .graph_io import check_graph, external_data_files, load_graph, save_graph, weightless_copy
 from .pipeline import Stage, StageContext
@@ -206,8 +207,6 @@ def convert(model) -> tuple[Any, dict[str, Any]]:
     topological_sort(converted.graph)
     bad = float32_violations(converted, norms | angles)
     if bad:
-        from .errors import StageError
-
         raise StageError(f"fp16: {len(bad)} nodes meant to stay float32 are float16 (e.g. {bad[0]}); this is a bug, please report it")
     blocked_ops = Counter(n.op_type for n in converted.graph.node if n.op_type in FLOAT32_OPS)
     casts = sum(n.op_type == "Cast" for n in converted.graph.node) - casts_before
