@@ -211,8 +211,10 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
 
 def _options(opts: dict[str, Any]) -> dict[str, Any]:
     """What enters the fingerprint: the calibration text by content (None = the shipped corpus)."""
-    path = calibration_path(opts.get("calibration_data"))
-    return {"calibration_data": opts.get("calibration_data"), "calibration_sha256": file_sha256(path),
+    given = opts.get("calibration_data")
+    path = calibration_path(given)
+    # absolute, so `exportline verify` finds the held-out text from any working directory
+    return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),
             "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS}
 
 
