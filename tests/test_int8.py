@@ -230,3 +230,19 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
     assert "uint8" in str(err.value) and "\n" not in str(err.value)
     assert sha256_file(root / "onnx" / "model_int8.onnx") == before
     assert not (root / ".exportline-tmp").exists()
+
+
+def test_cli_missing_calibration_file_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from exportline.exporters.cli import main; main()", "export", "tiny",
+         "--out", str(tmp_path / "b"), "--stages", "int8", "--calibration-data", str(tmp_path / "nope.txt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and "nope.txt: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "b" / "onnx").exists()
