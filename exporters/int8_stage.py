@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
 from .errors import StageError
@@ -45,10 +45,16 @@ DECODE_STEPS = 8  # decode feeds after each prefill
 
 class KVCalibrationReader:
     """onnxruntime CalibrationDataReader: per batch, one prefill feed (empty past) and then
-    DECODE_STEPS one-token feeds with the past the fp32 model itself produced."""
+    DECODE_STEPS one-token feeds with the past the fp32 model itself produced.
 
-    def __init__(self, model_path: Path, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS):
+    `observe=(names, callback)`: the model at `model_path` has these extra outputs, and the
+    reader hands their values for every feed to `callback` (the SmoothQuant statistics pass
+    runs this way, so one session both produces the past and measures the activations)."""
+
+    def __init__(self, model_path: Path, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS,
+                 observe: tuple[list[str], Callable] | None = None):
         self.model_path, self.chunks, self.layout, self.decode_steps = model_path, chunks, layout, decode_steps
+        self.observe = observe
         self.feeds = 0
         self._it = None
 
@@ -60,6 +66,10 @@ class KVCalibrationReader:
     def __iter__(self):
         return self._generate()
 
+    def drain(self) -> None:
+        for _ in self._generate():
+            pass
+
     def _generate(self):
         import numpy as np
         import onnxruntime as ort
@@ -68,6 +78,7 @@ class KVCalibrationReader:
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
         presents = self.layout.present_names()
+        observed, callback = self.observe or ([], None)
         for start in range(0, len(self.chunks), BATCH):
             ids = np.asarray(self.chunks[start : start + BATCH], dtype=np.int64)
             batch, total = ids.shape
@@ -83,8 +94,11 @@ class KVCalibrationReader:
                 }
                 self.feeds += 1
                 yield feed
-                if end < total:  # the next step's past
-                    past = dict(zip(self.layout.past_names(), session.run(presents, feed)))
+                if end < total or callback:  # the next step's past, and what is observed
+                    values = session.run(presents + observed, feed)
+                    past = dict(zip(self.layout.past_names(), values))
+                    if callback:
+                        callback(values[len(presents):])
 
 
 def lm_head_nodes(model) -> list[str]:
@@ -193,7 +207,8 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
     groups = find_groups(graph, set(nodes))
     ctx.progress(f"int8: SmoothQuant statistics on {len(chunks)} sequences")
     with _quiet():
-        stats = channel_absmax(source, graph, groups, KVCalibrationReader(source, chunks, layout), scratch / "stats")
+        stats = channel_absmax(source, graph, groups, scratch / "stats",
+                               run=lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe).drain())
     del graph
     model = load_graph(source, infer=False)
     smoothing = smooth(model, groups, stats)

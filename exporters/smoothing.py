@@ -90,12 +90,12 @@ def _source(index: GraphIndex, act: str) -> SmoothGroup | None:
     return None
 
 
-def channel_absmax(model_path: Path, graph_only, groups: list[SmoothGroup], feeds, scratch: Path) -> dict[str, np.ndarray]:
-    """max |X_j| per channel of every group's activation over `feeds`: one run of the fp32
-    graph (`graph_only`: loaded without weights) with ReduceMax(|X|) outputs added; the
-    weights are hard-linked into `scratch` (same filesystem), not copied."""
+def channel_absmax(model_path: Path, graph_only, groups: list[SmoothGroup], scratch: Path, *, run) -> dict[str, np.ndarray]:
+    """max |X_j| per channel of every group's activation: the fp32 graph (`graph_only`: loaded
+    without weights) gains ReduceMax(|X|) outputs, is written to `scratch` with its weights
+    hard-linked (same filesystem, nothing copied), and `run(path, (names, callback))` feeds it
+    the calibration text, handing the values of those outputs to `callback`."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     index = GraphIndex(graph_only.graph)
@@ -106,10 +106,9 @@ def channel_absmax(model_path: Path, graph_only, groups: list[SmoothGroup], feed
         name, axis = g.weights[0]
         channels = index.initializers[name].dims[axis]
         stats[g.activation] = np.zeros(channels, np.float32)
-        shape, axes = (f"{g.activation}__smooth_{s}" for s in ("shape", "axes"))
+        shape, axes, flat, absval, out = (f"{g.activation}__smooth_{s}" for s in ("shape", "axes", "flat", "abs", "max"))
         aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, channels], np.int64), shape),
                                       numpy_helper.from_array(np.array([0], np.int64), axes)])
-        flat, absval, out = (f"{g.activation}__smooth_{s}" for s in ("flat", "abs", "max"))
         aug.graph.node.extend([
             helper.make_node("Reshape", [g.activation, shape], [flat]),
             helper.make_node("Abs", [flat], [absval]),
@@ -122,14 +121,12 @@ def channel_absmax(model_path: Path, graph_only, groups: list[SmoothGroup], feed
     onnx.save(aug, str(path))
     for data in {e.value for t in graph_only.graph.initializer for e in t.external_data if e.key == "location"}:
         _link(model_path.parent / data, scratch / data)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    for feed in feeds:
-        for g, value in zip(groups, session.run(outputs, {k: v for k, v in feed.items() if k in names})):
+
+    def update(values) -> None:
+        for g, value in zip(groups, values):
             np.maximum(stats[g.activation], value, out=stats[g.activation])
-    del session
+
+    run(path, (outputs, update))
     shutil.rmtree(scratch, ignore_errors=True)
     return stats
 
