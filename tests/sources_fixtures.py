@@ -159,3 +159,39 @@ def write_llama2c(path: Path, *, dim=32, hidden_dim=88, n_layers=2, n_heads=4, n
             if name in t:
                 f.write(t[name].astype("<f4").tobytes())
     return t
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """`exportline ARGS` in this process through the real entry point (exportline.exporters.cli:main):
+    exit code and everything written to stderr."""
+    import contextlib
+    import io
+    import sys
+
+    from exportline.exporters.cli import main
+
+    err, argv = io.StringIO(), sys.argv
+    sys.argv = ["exportline", *map(str, args)]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code, err.getvalue()
+
+
+def error_line(stderr: str) -> str:
+    """The single `error: ...` line of a failed command (and proof there is no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor, so -0.0/0.0 and NaN payloads count as different."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
