@@ -7,10 +7,12 @@ of a full disk are decided once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ArtifactError, StageError
 
@@ -117,3 +119,17 @@ def read_hf_weights(folder: Path) -> dict:
         except Exception as exc:  # SafetensorError for a truncated or foreign file
             raise ArtifactError(f"{path} cannot be read ({exc}); re-run the export with --force") from None
     return state
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No tqdm bars from transformers' loading/saving: progress goes through `progress`."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -58,11 +58,14 @@ class HFFolderSource(CheckpointSource):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from .hf_files import quiet_transformers
+
         try:
-            return AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=dtype or torch.float32, trust_remote_code=self.trust_remote_code,
-            )
-        except ValueError as exc:
+            with quiet_transformers():
+                return AutoModelForCausalLM.from_pretrained(
+                    self.path, dtype=dtype or torch.float32, trust_remote_code=self.trust_remote_code,
+                )
+        except (ValueError, KeyError) as exc:  # unknown model_type, custom code not trusted, not a causal LM
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             hint = TRUST_HINT if "trust_remote_code" in str(exc) else "check that it is a causal LM saved with save_pretrained"
             raise SourceError(f"{self.path}: transformers cannot load it as a causal LM ({first[:200]}); {hint}") from None
@@ -71,7 +74,7 @@ class HFFolderSource(CheckpointSource):
                               "check that the weight files are complete") from None
 
     def write_hf(self, dest: Path, progress: Progress) -> dict[str, Any]:
-        from .hf_files import SHARD_BYTES, translate_write_error
+        from .hf_files import SHARD_BYTES, quiet_transformers, translate_write_error
 
         progress(f"hf: loading HF folder {self.path.name}")
         model = self.load_model()
@@ -79,7 +82,8 @@ class HFFolderSource(CheckpointSource):
         tok_info = self.write_tokenizer(dest, model_max_length=max_length)
         model.config.dtype = "float32"
         try:
-            model.save_pretrained(dest, max_shard_size=SHARD_BYTES)
+            with quiet_transformers():
+                model.save_pretrained(dest, max_shard_size=SHARD_BYTES)
         except OSError:
             raise
         except Exception as exc:  # safetensors reports I/O errors as SafetensorError

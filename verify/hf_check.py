@@ -142,6 +142,9 @@ def _source_tensors(root: Path, source: dict):
     if source.get("kind") == "preset":
         from transformers import AutoConfig
 
+        if "model" not in source:
+            raise NotAvailable("the manifest does not record the preset's model settings; re-export with --force")
+
         from ..exporters.sources import random_init_tensors
 
         config = AutoConfig.for_model(source["architecture"], **source["model"])

@@ -198,7 +198,10 @@ def load_hf_model(root: Path, dtype: str, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    from ..exporters.hf_files import quiet_transformers
+
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.eval()
 
 
