@@ -79,6 +79,18 @@ class CheckpointSource:
     def own_tokenizer_plan(self) -> dict[str, Any]:
         return {"kind": "none", "reason": f"{self.kind} checkpoints carry no tokenizer; pass --tokenizer tokenizer.json"}
 
+    def write_checked_tokenizer(self, dest: Path, *, model_max_length: int, vocab_size: int) -> dict[str, Any]:
+        """write_tokenizer, refusing a tokenizer with ids the model has no embedding for."""
+        info = self.write_tokenizer(dest, model_max_length)
+        if info["kind"] != "none":
+            from transformers import AutoTokenizer
+
+            count = len(AutoTokenizer.from_pretrained(dest))
+            if count > vocab_size:
+                raise SourceError(f"the tokenizer has {count} tokens but the model only {vocab_size} embeddings; "
+                                  "pass the tokenizer the model was trained with")
+        return info
+
     def write_tokenizer(self, dest: Path, model_max_length: int) -> dict[str, Any]:
         from .tokenizer import write_tokenizer_file
 

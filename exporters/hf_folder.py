@@ -54,24 +54,33 @@ class HFFolderSource(CheckpointSource):
         return super().write_tokenizer(dest, model_max_length)
 
     def load_model(self, dtype=None):
-        """The folder's model via AutoModelForCausalLM (fp32 unless `dtype` says otherwise)."""
+        """The folder's model via AutoModelForCausalLM (fp32 unless `dtype` says otherwise).
+        A weight missing or misshapen in the files is an error: transformers would fill it
+        with random values and only warn."""
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
         from .hf_files import quiet_transformers
 
         try:
             with quiet_transformers():
-                return AutoModelForCausalLM.from_pretrained(
+                model, info = AutoModelForCausalLM.from_pretrained(
                     self.path, dtype=dtype or torch.float32, trust_remote_code=self.trust_remote_code,
+                    output_loading_info=True,
                 )
         except (ValueError, KeyError) as exc:  # unknown model_type, custom code not trusted, not a causal LM
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             hint = TRUST_HINT if "trust_remote_code" in str(exc) else "check that it is a causal LM saved with save_pretrained"
             raise SourceError(f"{self.path}: transformers cannot load it as a causal LM ({first[:200]}); {hint}") from None
-        except OSError as exc:
+        except (OSError, SafetensorError, RuntimeError) as exc:
             raise SourceError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:200]}); "
                               "check that the weight files are complete") from None
+        bad = list(info.get("missing_keys") or []) + [str(m) for m in info.get("mismatched_keys") or []]
+        if bad:
+            raise SourceError(f"{self.path}: the weight files lack or misshape {len(bad)} tensors of its config "
+                              f"(first: {bad[0]}); the folder's weights and config.json disagree")
+        return model.eval()
 
     def write_hf(self, dest: Path, progress: Progress) -> dict[str, Any]:
         from .hf_files import SHARD_BYTES, quiet_transformers, translate_write_error

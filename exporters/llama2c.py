@@ -169,7 +169,7 @@ class Llama2cSource(CheckpointSource):
         progress(f"hf: reading llama2.c checkpoint {self.path.name}")
         header, tensors = read_tensors(self.path)
         config = hf_config(header)
-        tok_info = self.write_tokenizer(dest, model_max_length=header.max_seq_len)
+        tok_info = self.write_checked_tokenizer(dest, model_max_length=header.max_seq_len, vocab_size=header.vocab_size)
         state = to_hf_state(header, tensors)
         del tensors
         files = write_hf_weights(state, dest)

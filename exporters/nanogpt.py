@@ -105,6 +105,10 @@ def _check_args(args: dict[str, Any], path: Path) -> None:
     if any(not isinstance(args[k], int) or args[k] <= 0 for k in ints) or args["n_embd"] % args["n_head"]:
         raise SourceError(f"{path}: model_args {({k: args[k] for k in ints})} are not positive ints with "
                           "n_embd divisible by n_head; fix model_args and re-save")
+    try:
+        json.dumps(args)
+    except TypeError:
+        raise SourceError(f"{path}: model_args hold values other than plain numbers/strings; {RESAVE_HINT}") from None
 
 
 def to_hf_state(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[dict, dict[str, Any]]:
@@ -119,13 +123,12 @@ def to_hf_state(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[dict, dict[str, An
     if unexpected:
         raise SourceError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) for a nanoGPT GPT; "
                           "is this a nanoGPT checkpoint?")
-    hf, dtypes, zero_bias = {}, {}, []
+    hf, dtypes = {}, {}
     for key, shape in expected.items():
         t = ckpt.state.get(key)
         if t is None:
             if key.endswith("bias") and not args["bias"]:
                 hf[key] = torch.zeros(shape, dtype=torch.float32)  # HF GPT-2 always has biases
-                zero_bias.append(key)
                 continue
             if key == "lm_head.weight":
                 continue  # tied to wte, as nanoGPT always does
@@ -255,14 +258,7 @@ class NanoGPTSource(CheckpointSource):
         state, record = to_hf_state(ckpt, self.path)
         del ckpt
         config = hf_config(record["model_args"], record)
-        tok_info = self.write_tokenizer(dest, model_max_length=config.n_positions)
-        if tok_info["kind"] != "none":
-            from transformers import AutoTokenizer
-
-            vocab = len(AutoTokenizer.from_pretrained(dest))
-            if vocab > config.vocab_size:
-                raise SourceError(f"tokenizer has {vocab} tokens but the model only {config.vocab_size}; "
-                                  "pass the tokenizer the model was trained with")
+        tok_info = self.write_checked_tokenizer(dest, model_max_length=config.n_positions, vocab_size=config.vocab_size)
         files = write_hf_weights(state, dest)
         write_config_files(config, dest)
         return {"weights": files, "tokenizer": tok_info, "random_init": False,

@@ -7,20 +7,33 @@ import torch
 from sources_fixtures import bits, cli, error_line, nanogpt_args, save_nanogpt
 
 
+def _rewrite(path, dtype, causal_buffers, block_size):
+    """Half-precision weights, and/or the attn.bias causal masks that nanoGPT saved when
+    PyTorch had no flash attention."""
+    ckpt = torch.load(path, weights_only=True)
+    model = {k: v.to(dtype) for k, v in ckpt["model"].items()}
+    wte = next(k for k in model if k.endswith("transformer.wte.weight"))
+    model[wte.replace("transformer.wte.weight", "lm_head.weight")] = model[wte]  # tied again
+    if causal_buffers:
+        prefix = wte.removesuffix("transformer.wte.weight")
+        n_layer = 1 + max(int(k.split(".h.")[1].split(".")[0]) for k in model if ".h." in k)
+        tril = torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size)
+        model.update({f"{prefix}transformer.h.{i}.attn.bias": tril.clone() for i in range(n_layer)})
+    ckpt["model"] = model
+    torch.save(ckpt, path)
+
+
 @pytest.mark.parametrize(
-    "bias,compiled,dtype",
-    [(True, False, torch.float32), (False, True, torch.float32), (True, True, torch.bfloat16)],
-    ids=["bias-plain-fp32", "nobias-orig_mod-fp32", "bias-orig_mod-bf16"],
+    "bias,compiled,dtype,causal_buffers",
+    [(True, False, torch.float32, False), (False, True, torch.float32, False),
+     (True, True, torch.bfloat16, False), (False, False, torch.float32, True)],
+    ids=["bias-plain-fp32", "nobias-orig_mod-fp32", "bias-orig_mod-bf16", "nobias-causal-buffers"],
 )
-def test_nanogpt_round_trip_is_bit_exact(tmp_path, bias, compiled, dtype):
+def test_nanogpt_round_trip_is_bit_exact(tmp_path, bias, compiled, dtype, causal_buffers):
     args = nanogpt_args(bias=bias, n_layer=3)
     save_nanogpt(tmp_path / "ckpt.pt", args, compiled=compiled, iter_num=1234)
-    if dtype != torch.float32:  # a checkpoint saved in half precision comes back in it
-        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-        ckpt["model"] = {k: v.to(dtype) for k, v in ckpt["model"].items()}
-        wte = next(k for k in ckpt["model"] if k.endswith("transformer.wte.weight"))
-        ckpt["model"][wte.replace("transformer.wte.weight", "lm_head.weight")] = ckpt["model"][wte]
-        torch.save(ckpt, tmp_path / "ckpt.pt")
+    if dtype != torch.float32 or causal_buffers:
+        _rewrite(tmp_path / "ckpt.pt", dtype, causal_buffers, args["block_size"])
     code, err = cli("export", tmp_path / "ckpt.pt", "--stages", "hf", "--out", tmp_path / "bundle", "--no-verify")
     assert code == 0, err
     code, err = cli("to-checkpoint", tmp_path / "bundle", "--format", "nanogpt", "--out", tmp_path / "back.pt")

@@ -95,3 +95,15 @@ def test_verify_reports_not_available_when_the_checkpoint_moved(tmp_path):
     report = verify_bundle(tmp_path / "out", stages=["hf"])
     (stage,) = report.stages
     assert stage.status == "not available" and "not on this machine" in stage.reason
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(200)}  # the model below has 101 embeddings
+    Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    write_llama2c(tmp_path / "model.bin")
+    code, err = cli("export", tmp_path / "model.bin", "--stages", "hf", "--out", tmp_path / "out",
+                    "--tokenizer", tmp_path / "tokenizer.json")
+    assert code != 0 and "200 tokens but the model only 101" in err
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
