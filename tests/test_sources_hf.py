@@ -78,3 +78,18 @@ def test_resolve_source_kinds(tmp_path):
     assert resolve_source(str(tmp_path / "x.pt")).kind == "nanogpt"
     described = resolve_source(str(tmp_path / "x.pt")).describe()
     assert {"kind", "labels", "tokenizer", "sha256"} <= set(described)
+
+
+def test_greedy_row_allows_only_a_flip_at_a_near_tie():
+    import numpy as np
+
+    from exportline.verify.hf_check import GREEDY_STEPS, _greedy_row
+
+    thresholds = {"fp32": {"max_abs_over_max_ref": 1e-5, "greedy_identical": True}}
+    want = [1] * GREEDY_STEPS
+    tie, clear = np.array([0.0, 10.0, 10.0 - 1e-6]), np.array([0.0, 10.0, 9.0])
+    same = _greedy_row(list(want), (want, [clear] * GREEDY_STEPS), "c", thresholds)
+    flip_at_tie = _greedy_row([1, 2] + want[2:], (want, [clear, tie] + [clear] * 30), "c", thresholds)
+    flip_clear = _greedy_row([1, 2] + want[2:], (want, [clear] * GREEDY_STEPS), "c", thresholds)
+    assert same.passed and flip_at_tie.passed and not flip_clear.passed
+    assert flip_clear.metrics["identical_fraction"] == 1 / GREEDY_STEPS

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..exporters.errors import NotAvailable
 from ..exporters.hf_files import read_hf_config
-from .reference import Reference, hf_greedy, hf_logits, load_hf_model, load_reference
+from .reference import hf_greedy, hf_logits, load_hf_model, load_reference
 from .report import CheckRow, StageReport, judge, tensor_row
 
 STAGE = "hf"
@@ -59,13 +59,18 @@ def check(ctx) -> StageReport:
     max_pos = config.get("max_position_embeddings") or config.get("n_positions") or 512
     cases = logit_cases(vocab, max_pos)
     trust = bool(source.get("trust_remote_code"))
-    fp32 = _bounds(ctx.thresholds, "fp32")
     rows: list[CheckRow] = []
+    # Everything the reference must say is computed first, so it is freed before the
+    # float32 model loads: a 1B preset never holds its float64 and float32 copies at once.
     wants = {c.name: ref.logits(c.input_ids, c.attention_mask) for c in cases}
-    if ref.independent:
+    prompt = cases[0].input_ids[:1]
+    want_greedy = ref.greedy(prompt, GREEDY_STEPS)
+    description, independent, bounds_key = ref.description, ref.independent, ref.bounds_key
+    del ref
+    if independent:
         ctx.progress("verify hf: float64 HF model vs reference")
         model64 = load_hf_model(ctx.root, "float64", trust)
-        tight = _bounds(ctx.thresholds, ref.bounds_key)
+        tight = _bounds(ctx.thresholds, bounds_key)
         for c in cases:
             got = hf_logits(model64, c.input_ids, c.attention_mask)
             rows.append(tensor_row(STAGE, f"{c.name}, HF float64", "logits", got, wants[c.name], tight,
@@ -79,23 +84,24 @@ def check(ctx) -> StageReport:
             return StageReport(STAGE, "not available", reason=str(exc))
     ctx.progress("verify hf: float32 HF model vs reference")
     model32 = load_hf_model(ctx.root, "float32", trust)
+    fp32 = _bounds(ctx.thresholds, "fp32")
     for c in cases:
         got = hf_logits(model32, c.input_ids, c.attention_mask)
         rows.append(tensor_row(STAGE, f"{c.name}, HF float32", "logits", got, wants[c.name], fp32,
                                mask=c.attention_mask, top1=True))
-    rows.append(_greedy_row(model32, ref, cases[0], ctx.thresholds, vocab))
-    return StageReport.from_rows(STAGE, rows, ref.description, source_kind=source.get("kind"))
+    got_greedy, _ = hf_greedy(model32, prompt, GREEDY_STEPS)
+    rows.append(_greedy_row(got_greedy, want_greedy, cases[0].name, ctx.thresholds))
+    return StageReport.from_rows(STAGE, rows, description, source_kind=source.get("kind"))
 
 
-def _greedy_row(model32, ref: Reference, case: Case, thresholds: dict, vocab: int) -> CheckRow:
+def _greedy_row(got: list[int], want_greedy: tuple[list[int], list[np.ndarray]], case: str,
+                thresholds: dict) -> CheckRow:
     """Greedy tokens of the float32 HF model (KV cache) against the reference's.
 
     Random-init models have near-flat logits, so a token may legitimately flip where the
     reference's top two are closer than fp32 rounding; the bound is on that margin at the
     first differing step (0 when all tokens agree), relative to the largest |logit|."""
-    prompt = case.input_ids[:1]
-    got, _ = hf_greedy(model32, prompt, GREEDY_STEPS)
-    want, want_logits = ref.greedy(prompt, GREEDY_STEPS)
+    want, want_logits = want_greedy
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     margin = 0.0
     if first is not None:
@@ -107,7 +113,7 @@ def _greedy_row(model32, ref: Reference, case: Case, thresholds: dict, vocab: in
     if not thresholds["fp32"].get("greedy_identical", True):
         bounds = {}
     note = "" if first is None else f"first differing token at step {first}"
-    return judge(STAGE, f"greedy {GREEDY_STEPS} steps from {case.name}, HF float32 (KV cache)", "greedy tokens",
+    return judge(STAGE, f"greedy {GREEDY_STEPS} steps from {case}, HF float32 (KV cache)", "greedy tokens",
                  (1, GREEDY_STEPS), metrics, bounds, note)
 
 
