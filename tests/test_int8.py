@@ -105,10 +105,14 @@ def test_calibration_text_enters_the_fingerprint(tmp_path):
 # -- the accuracy test ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny Llama trained on the corpus' calibration chunks, exported onnx → fp16 → int8."""
-    root = tmp_path_factory.mktemp("trained-int8")
-    facts = train_tiny_llama(root)
-    export_bundle(root, FolderSource("trained-tiny", "seed0"), ["onnx", "fp16", "int8"])
+    """A tiny Llama trained on the corpus' calibration chunks, saved as an HF folder and
+    exported from it like a user's model: hf → onnx → fp16 → int8."""
+    from exportline.exporters.sources import resolve_source
+
+    folder = tmp_path_factory.mktemp("trained-hf")
+    facts = train_tiny_llama(folder)
+    root = tmp_path_factory.mktemp("trained-bundle")
+    export_bundle(root, resolve_source(str(folder)), ["hf", "onnx", "fp16", "int8"])
     return root, facts
 
 
@@ -226,7 +230,7 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
         from exportline.exporters.bundle import Bundle
         from exportline.exporters.pipeline import run_pipeline
 
-        run_pipeline(Bundle(root), FolderSource("trained-tiny", "seed0"), stages=["int8"], force=True)
+        run_pipeline(Bundle(root), _bundle_source(root), stages=["int8"], force=True)
     assert "uint8" in str(err.value) and "\n" not in str(err.value)
     assert sha256_file(root / "onnx" / "model_int8.onnx") == before
     assert not (root / ".exportline-tmp").exists()
@@ -246,3 +250,12 @@ def test_cli_missing_calibration_file_is_one_line(tmp_path):
     assert lines[-1].startswith("error:") and "nope.txt: no such file" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "b" / "onnx").exists()
+
+
+def _bundle_source(root):
+    """The source the bundle was exported from (its manifest records the folder)."""
+    import json
+
+    from exportline.exporters.sources import resolve_source
+
+    return resolve_source(json.loads((root / "manifest.json").read_text())["source"]["path"])
