@@ -15,8 +15,15 @@ calibration SmoothQuant (exporters/smoothing.py) is folded into the fp32 weights
 it the outlier channels of down_proj's input cost the trained test model 6 points of top-1.
 Everything not quantized stays float32 (the graph derives from model.onnx, not the fp16 one).
 
-Tool: onnxruntime.quantization.quantize_static (QDQ, MinMax), part of the onnxruntime we
-already depend on. NVIDIA ModelOpt's ONNX PTQ targets the same form but pulls CUDA
+Calibration is one pass of the fp32 graph over those feeds (exporters/activation_stats.py):
+it measures max |x| per channel, which gives both SmoothQuant's scales and the symmetric
+MinMax range of every quantized activation (after smoothing), so a 1B model is held in
+memory once or twice, not four times (quantize_static calibrating by itself loads it for
+shape inference, for the augmented session, and the reader needs the fp32 model too: 23 GB
+and an OOM kill for the 1b preset on a 24 GB machine).
+
+Tool: onnxruntime.quantization.quantize_static (QDQ, ranges from a MinMax calibration
+cache), part of the onnxruntime we already depend on. NVIDIA ModelOpt's ONNX PTQ targets the same form but pulls CUDA
 packages and a second onnxruntime build onto CPU-only machines.
 """
 
@@ -33,8 +40,9 @@ from .graph_walk import GraphIndex, topological_sort
 from .graph_io import check_graph, external_data_files, load_graph, save_graph
 from .pipeline import Stage, StageContext
 from .qdq_form import qdq_form_problems, qdq_summary
+from .activation_stats import channel_absmax
 from .smoothing import apply as smooth
-from .smoothing import channel_absmax, find_groups
+from .smoothing import find_groups, input_axis
 
 SOURCE = "onnx/model.onnx"
 TARGET = "onnx/model_int8.onnx"
@@ -122,13 +130,19 @@ def weight_matmuls(model) -> list[str]:
     ]
 
 
-def quantize(model_path: Path, out_path: Path, reader: KVCalibrationReader, nodes: list[str]) -> None:
-    """quantize_static of exactly `nodes` into `out_path` (its own file naming); the stage
-    re-saves the result."""
+def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: list[str]) -> None:
+    """quantize_static of exactly `nodes` with the symmetric activation ranges `ranges`
+    (tensor → max |x|), passed as an onnxruntime MinMax calibration cache so it runs no
+    calibration of its own; writes `out_path` in its own file naming (re-saved later)."""
+    import numpy as np
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
+    cache = out_path.parent / "ranges.json"
+    data = {name: (np.float32(-m), np.float32(m)) for name, m in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
     quantize_static(
-        str(model_path), str(out_path), reader,
+        str(model_path), str(out_path), None, calibration_cache_path=str(cache),
         quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False,
         nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
@@ -193,35 +207,51 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         **qdq_summary(model), **facts,
         "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
         "calibration": {**split.describe(), "sequences": len(chunks), "feeds": feeds,
-                        "decode_steps_per_batch": DECODE_STEPS, "method": "MinMax"},
+                        "decode_steps_per_batch": DECODE_STEPS,
+                        "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
         "files": [f"onnx/{f}" for f in files], "quantizer": "onnxruntime.quantization.quantize_static",
     }
 
 
 def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratch: Path):
-    """SmoothQuant statistics → smoothed fp32 copy → quantize_static; the Q/DQ ModelProto."""
+    """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
     if not nodes:
         raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize; re-export it with the onnx stage")
     groups = find_groups(graph, set(nodes))
-    ctx.progress(f"int8: SmoothQuant statistics on {len(chunks)} sequences")
+    channels = activation_channels(graph, nodes)
+    ctx.progress(f"int8: calibrating {len(nodes)} MatMuls on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    readers = []
+
+    def run(path, observe):
+        readers.append(KVCalibrationReader(path, chunks, layout, observe=observe))
+        readers[-1].drain()
+
     with _quiet():
-        stats = channel_absmax(source, graph, groups, scratch / "stats",
-                               run=lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe).drain())
+        stats = channel_absmax(source, graph, channels, scratch / "stats", run=run)
     del graph
     model = load_graph(source, infer=False)
-    smoothing = smooth(model, groups, stats)
+    smoothing, scales = smooth(model, groups, stats)
     smoothed = scratch / "smoothed" / "model.onnx"
     save_graph(model, smoothed)
     del model
-    reader = KVCalibrationReader(source, chunks, layout)
-    ctx.progress(f"int8: calibrating {len(nodes)} MatMuls on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    ranges = {x: float((stats[x] / scales[x]).max() if x in scales else stats[x].max()) for x in channels}
     (scratch / "quantized").mkdir()
     with _quiet():
-        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", reader, nodes)
+        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes)
     model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
-    return model, {"float_nodes_kept": kept, "smoothing": smoothing, "calibration_feeds": reader.feeds}
+    return model, {"float_nodes_kept": kept, "smoothing": smoothing, "calibration_feeds": readers[0].feeds}
+
+
+def activation_channels(graph, nodes: list[str]) -> dict[str, int]:
+    """The activation input of each quantized MatMul/Gemm → its channel count (B's input axis)."""
+    index = GraphIndex(graph.graph)
+    out = {}
+    for node in graph.graph.node:
+        if node.name in nodes:
+            out[node.input[0]] = index.initializers[node.input[1]].dims[input_axis(node)]
+    return out
 
 
 def _options(opts: dict[str, Any]) -> dict[str, Any]:

@@ -16,10 +16,7 @@ else would see the scaled X. This is the "int8_sq" recipe TensorRT's ModelOpt us
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -90,62 +87,13 @@ def _source(index: GraphIndex, act: str) -> SmoothGroup | None:
     return None
 
 
-def channel_absmax(model_path: Path, graph_only, groups: list[SmoothGroup], scratch: Path, *, run) -> dict[str, np.ndarray]:
-    """max |X_j| per channel of every group's activation: the fp32 graph (`graph_only`: loaded
-    without weights) gains ReduceMax(|X|) outputs, is written to `scratch` with its weights
-    hard-linked (same filesystem, nothing copied), and `run(path, (names, callback))` feeds it
-    the calibration text, handing the values of those outputs to `callback`."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    index = GraphIndex(graph_only.graph)
-    aug = onnx.ModelProto()
-    aug.CopyFrom(graph_only)
-    outputs, stats = [], {}
-    for g in groups:
-        name, axis = g.weights[0]
-        channels = index.initializers[name].dims[axis]
-        stats[g.activation] = np.zeros(channels, np.float32)
-        shape, axes, flat, absval, out = (f"{g.activation}__smooth_{s}" for s in ("shape", "axes", "flat", "abs", "max"))
-        aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, channels], np.int64), shape),
-                                      numpy_helper.from_array(np.array([0], np.int64), axes)])
-        aug.graph.node.extend([
-            helper.make_node("Reshape", [g.activation, shape], [flat]),
-            helper.make_node("Abs", [flat], [absval]),
-            helper.make_node("ReduceMax", [absval, axes], [out], keepdims=0),
-        ])
-        aug.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [channels]))
-        outputs.append(out)
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / model_path.name
-    onnx.save(aug, str(path))
-    for data in {e.value for t in graph_only.graph.initializer for e in t.external_data if e.key == "location"}:
-        _link(model_path.parent / data, scratch / data)
-
-    def update(values) -> None:
-        for g, value in zip(groups, values):
-            np.maximum(stats[g.activation], value, out=stats[g.activation])
-
-    run(path, (outputs, update))
-    shutil.rmtree(scratch, ignore_errors=True)
-    return stats
-
-
-def _link(src: Path, dest: Path) -> None:
-    """onnxruntime refuses external data outside the model's folder, symlinks included;
-    a hard link costs nothing and a copy is the fallback across filesystems."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
-
-
-def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha: float = ALPHA) -> dict:
-    """Scale the initializers of `model` (weights loaded) in place; returns facts for the record."""
+def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha: float = ALPHA):
+    """Scale the initializers of `model` (weights loaded) in place; returns the facts for the
+    record and s per smoothed activation (the smoothed X is X / s)."""
     from onnx import numpy_helper
 
     index = GraphIndex(model.graph)
-    largest = 1.0
+    largest, scales = 1.0, {}
     for g in groups:
         if g.axis == 0:  # norm parameters other norms share (exporters dedupe equal weights)
             g.source = _private(model, index, g.node, g.source)
@@ -157,15 +105,17 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha
             s = np.power(absmax[g.activation], alpha) / np.power(w_max, 1.0 - alpha)
         s = np.where(np.isfinite(s) & (s > 0), s, 1.0).clip(1e-5, 1e5).astype(np.float32)
         largest = max(largest, float(s.max() / s.min()))
+        scales[g.activation] = s
         for name in (g.source, g.bias):
             if name:
                 value = numpy_helper.to_array(inits[name]).astype(np.float32)
                 _replace(inits[name], value / (s if value.ndim == 1 else s[None, :]))
         for (name, _), (w, axis) in zip(g.weights, weights):
             _replace(inits[name], w * (s[:, None] if axis == 0 else s[None, :]))
-    return {"method": "SmoothQuant", "alpha": alpha, "groups": len(groups),
-            "norm_folds": sum(g.axis == 0 for g in groups), "mlp_folds": sum(g.axis == 1 for g in groups),
-            "max_scale_spread": round(largest, 2)}
+    facts = {"method": "SmoothQuant", "alpha": alpha, "groups": len(groups),
+             "norm_folds": sum(g.axis == 0 for g in groups), "mlp_folds": sum(g.axis == 1 for g in groups),
+             "max_scale_spread": round(largest, 2)}
+    return facts, scales
 
 
 def _private(model, index: GraphIndex, node_name: str, init: str) -> str:

@@ -177,7 +177,7 @@ def _smoothed_logits_change(root, tmp_path, expect_groups: int) -> float:
     dims = {t.name: t.dims for t in model.graph.initializer}
     stats = {g.activation: rng.uniform(0.1, 30.0, size=dims[g.weights[0][0]][g.weights[0][1]]).astype(np.float32)
              for g in groups}
-    facts = apply(model, groups, stats)
+    facts, _ = apply(model, groups, stats)
     assert facts["groups"] == expect_groups and facts["max_scale_spread"] > 2
     save_graph(model, tmp_path / "smoothed.onnx")
     layout = KVLayout.from_config(AutoConfig.from_pretrained(root))
