@@ -212,16 +212,20 @@ def test_smoothing_folds_into_fused_layernorm(tmp_path):
 def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
     """Asymmetric uint8 activations (ORT's CPU default) fail the form check: the stage
     raises and the bundle keeps its previous int8 graph, byte for byte."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     from exportline.exporters import int8_stage
     from exportline.exporters.bundle import sha256_file
     from exportline.exporters.errors import StageError
 
-    def asymmetric(model_path, out_path, reader, nodes):
-        quantize_static(str(model_path), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                        use_external_data_format=True)
+    def asymmetric(model_path, out_path, ranges, nodes):
+        cache = out_path.parent / "ranges.json"
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+            k: (np.float32(-m / 2), np.float32(m)) for k, m in ranges.items()}), cache)
+        quantize_static(str(model_path), str(out_path), None, calibration_cache_path=str(cache),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=True)
 
     root, _ = trained
     before = sha256_file(root / "onnx" / "model_int8.onnx")
