@@ -264,3 +264,35 @@ def _bundle_source(root):
     from exportline.exporters.sources import resolve_source
 
     return resolve_source(json.loads((root / "manifest.json").read_text())["source"]["path"])
+
+
+@pytest.mark.slow
+def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
+    """The stage's activation ranges come from its one statistics pass; on the same feeds
+    they must equal what onnxruntime's own symmetric MinMax calibrator measures."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from transformers import AutoConfig
+
+    from exportline.exporters.activation_stats import channel_absmax
+    from exportline.exporters.calibration import load_tokenizer, spread
+    from exportline.exporters.graph_io import load_graph
+    from exportline.exporters.int8_stage import KVCalibrationReader, activation_channels
+    from exportline.exporters.shapes import KVLayout
+
+    root, _ = trained
+    source = root / "onnx" / "model.onnx"
+    layout = KVLayout.from_config(AutoConfig.from_pretrained(root))
+    chunks = spread(split_text(default_corpus(), load_tokenizer(root), max_positions=256).calibration, 8)
+    graph = load_graph(source, infer=False, weights=False)
+    channels = activation_channels(graph, weight_matmuls(graph))
+    ours = channel_absmax(source, graph, channels, tmp_path / "stats",
+                          run=lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe).drain())
+    calibrator = create_calibrator(source, ["MatMul"], augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
+    calibrator.collect_data(KVCalibrationReader(source, chunks, layout))
+    theirs = calibrator.compute_data()
+    assert len(channels) == 2 * 5  # q/k/v share one input; o, gate/up share one, down
+    for tensor, stats in ours.items():
+        low, high = theirs[tensor].range_value
+        assert float(stats.max()) == pytest.approx(max(abs(float(low)), float(high)), rel=1e-6), tensor
