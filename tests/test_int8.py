@@ -292,7 +292,7 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
                                    calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
     calibrator.collect_data(KVCalibrationReader(source, chunks, layout))
     theirs = calibrator.compute_data()
-    assert len(channels) == 2 * 5  # q/k/v share one input; o, gate/up share one, down
+    assert len(channels) == 2 * 4  # per layer: q/k/v input, o input, gate/up input, down input
     for tensor, stats in ours.items():
         low, high = theirs[tensor].range_value
         assert float(stats.max()) == pytest.approx(max(abs(float(low)), float(high)), rel=1e-6), tensor
