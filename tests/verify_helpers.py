@@ -94,3 +94,25 @@ def scale_initializer(onnx_path: Path, factor: float) -> str:
     onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name)
     return target.name
+
+
+def shared_bundle(tmp_path_factory) -> Path:
+    """The tiny bundle, built once per test session (tests that damage it work on a copy)."""
+    root = tmp_path_factory.getbasetemp() / "verify-tiny-bundle"
+    if not (root / "onnx" / "model.onnx").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        build_tiny_bundle(root)
+    return root
+
+
+def copy_bundle(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".exportline.lock", "reports"))
+    return dest
+
+
+def exportline_cmd() -> list[str]:
+    """The `exportline` script of the interpreter running the tests (the worktree's venv)."""
+    import sys
+
+    script = Path(sys.executable).parent / "exportline"
+    return [str(script)] if script.is_file() else [shutil.which("exportline") or "exportline"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ..exporters.errors import ConfigError
+from ..exporters.errors import ArtifactError, ConfigError
 from ..exporters.shapes import KVLayout
 from .cases import positions
 from .runners.base import Runner
@@ -138,3 +140,80 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np
     probs /= probs.sum(-1, keepdims=True)
     draws = rng.random(probs.shape[0])[:, None]
     return np.minimum((probs.cumsum(-1) < draws).sum(-1), probs.shape[-1] - 1)
+
+
+@dataclass
+class BundleGeneration:
+    lines: list[str]  # one per prompt: decoded prompt + completion, or token ids
+    generation: Generation
+    used_tokenizer: bool
+
+
+def generate_from_bundle(
+    root: Path,
+    *,
+    backend: str,
+    prompts: list[str] | None = None,
+    token_ids: list[list[int]] | None = None,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    progress: Callable[[str], None] = lambda message: None,
+) -> BundleGeneration:
+    """Text prompts go through the bundle's tokenizer (left padding); `token_ids` bypass it."""
+    from transformers import AutoConfig
+
+    from .runners.registry import make_runner
+
+    root = Path(root)
+    if bool(prompts) == bool(token_ids):
+        raise ConfigError("give prompts (--prompt TEXT) or token ids (--token-ids 1,2,3), not both or neither")
+    if not (root / "config.json").is_file():
+        raise ArtifactError(f"{root} has no config.json; export it first: exportline export SOURCE --out {root}")
+    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    tokenizer = _tokenizer(root) if prompts else None
+    if prompts and tokenizer is None:
+        raise ConfigError(f"{root} has no tokenizer; pass token ids instead: --token-ids 1,2,3")
+    ids = [tokenizer.encode(p) for p in prompts] if tokenizer else token_ids
+    if any(t < 0 or t >= config.vocab_size for row in ids for t in row):
+        raise ConfigError(f"token ids must be in [0, {config.vocab_size}) for this model")
+    pad = _first_id(getattr(tokenizer, "pad_token_id", None), config.pad_token_id, config.eos_token_id, 0)
+    runner = make_runner(root, backend)
+    progress(f"generate: {runner.name}, {len(ids)} prompt(s), up to {max_new_tokens} new tokens")
+    with runner:
+        result = generate(
+            runner, ids, layout=KVLayout.from_config(config), max_new_tokens=max_new_tokens,
+            eos_token_id=_eos(root, config), pad_token_id=pad, sampling=sampling,
+        )
+    if tokenizer is None:
+        lines = [",".join(map(str, p + t)) for p, t in zip(ids, result.tokens)]
+    else:
+        # One line per prompt on stdout: newlines inside the text are written as "\n".
+        lines = [tokenizer.decode(p + t, skip_special_tokens=True).replace("\n", "\\n") for p, t in zip(ids, result.tokens)]
+    return BundleGeneration(lines, result, tokenizer is not None)
+
+
+def _tokenizer(root: Path):
+    if not ((root / "tokenizer.json").is_file() or (root / "tokenizer_config.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(root, padding_side="left", local_files_only=True)
+
+
+def _eos(root: Path, config) -> int | list[int] | None:
+    from transformers import GenerationConfig
+
+    if (root / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(root, local_files_only=True).eos_token_id
+        if eos is not None:
+            return eos
+    return config.eos_token_id
+
+
+def _first_id(*candidates) -> int:
+    for c in candidates:
+        if isinstance(c, list) and c:
+            return int(c[0])
+        if isinstance(c, int):
+            return c
+    return 0

@@ -23,7 +23,13 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
-_REEXPORT = "re-export it: exportline export SOURCE --out BUNDLE --stages onnx --force"
+# Which export stage writes a file of the onnx-community layout, for the "what next" hint.
+_STAGE_OF = {"model_fp16.onnx": "fp16", "model_int8.onnx": "int8"}
+
+
+def _reexport(path: Path) -> str:
+    stage = _STAGE_OF.get(path.name, "onnx")
+    return f"re-export it: exportline export SOURCE --out {path.parent.parent} --stages {stage} --force"
 
 
 class OnnxRuntimeRunner(Runner):
@@ -75,8 +81,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"onnxruntime cannot load {self.path}: {first}; {_REEXPORT}") from None
+            raise ArtifactError(f"onnxruntime cannot load {self.path}: {_reason(exc)}; {_reexport(self.path)}") from None
         self.input_types = {}
         for i in self.session.get_inputs():
             if i.type not in _ORT_TYPES:
@@ -108,13 +113,13 @@ def check_onnx_file(path: Path) -> None:
     from google.protobuf.message import DecodeError
 
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist; {_REEXPORT}")
+        raise ArtifactError(f"{path} does not exist; {_reexport(path)}")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path} is not a valid ONNX file ({type(exc).__name__}): truncated or corrupt; {_REEXPORT}") from None
+        raise ArtifactError(f"{path} is not a valid ONNX file ({type(exc).__name__}): truncated or corrupt; {_reexport(path)}") from None
     if not model.graph.node or not model.graph.output:
-        raise ArtifactError(f"{path} has an empty graph: truncated or corrupt; {_REEXPORT}")
+        raise ArtifactError(f"{path} has an empty graph: truncated or corrupt; {_reexport(path)}")
     needed: dict[str, int] = {}
     for tensor in _tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -126,11 +131,11 @@ def check_onnx_file(path: Path) -> None:
         data = path.parent / location
         if not data.is_file():
             raise ArtifactError(
-                f"{data} is missing: {path.name} keeps its weights there; copy it beside {path.name} or {_REEXPORT}"
+                f"{data} is missing: {path.name} keeps its weights there; copy it beside {path.name} or {_reexport(path)}"
             )
         size = data.stat().st_size
         if size < end:
-            raise ArtifactError(f"{data} is truncated ({size} bytes, the graph needs {end}); {_REEXPORT}")
+            raise ArtifactError(f"{data} is truncated ({size} bytes, the graph needs {end}); {_reexport(path)}")
 
 
 def _tensors(graph) -> Iterator[Any]:
@@ -145,3 +150,10 @@ def _tensors(graph) -> Iterator[Any]:
                 yield from _tensors(attr.g)
             for sub in attr.graphs:
                 yield from _tensors(sub)
+
+
+def _reason(exc: Exception) -> str:
+    """ORT's first line is "Load model from X failed: <source path:line> <reason>": keep the
+    reason end, which is what says what is wrong."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 240 else "…" + text[-240:]
