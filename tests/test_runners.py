@@ -163,3 +163,24 @@ def _layout(bundle):
     from exportline.exporters.shapes import KVLayout
 
     return KVLayout.from_config(AutoConfig.from_pretrained(bundle))
+
+
+def test_cuda_requested_without_a_gpu_is_not_available(bundle):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present; see test_cuda_runner_matches_cpu")
+    with pytest.raises(NotAvailable, match="no CUDA GPU"):
+        TorchRunner(bundle, device="cuda").activate()
+
+
+@pytest.mark.gpu
+def test_cuda_runner_matches_cpu(bundle, layout_and_case):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("not available: no CUDA GPU visible to torch")
+    layout, case = layout_and_case
+    feed = case.prefix.feed(layout)
+    with TorchRunner(bundle, dtype="float64", device="cuda") as gpu, TorchRunner(bundle, dtype="float64") as cpu:
+        assert compare(gpu.infer(feed)["logits"], cpu.infer(feed)["logits"]).rel_l2 < 1e-10

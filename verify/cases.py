@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..exporters.errors import ConfigError
 from ..exporters.shapes import BATCH, PAST, SEQUENCE, KVLayout
 from .runners.base import Runner
 
@@ -88,11 +89,13 @@ def decode(name: str, rng: np.random.Generator, vocab: int, prefix: Case) -> Cas
 def build_cases(layout: KVLayout, *, seed: int = 0, long: int = LONG) -> list[Case]:
     """Batch 1 and 3; prefill 1 and `long`; a left-padded batch; decode after a past of
     0, 1 and `long` (the last one left-padded)."""
+    if long < 4:
+        raise ConfigError(f"the long case length must be ≥ 4 (got {long}); DESIGN.md §6 asks ≥ 64")
     rng = np.random.default_rng(seed)
     v = layout.vocab_size
     p1 = prefill("batch1 prefill 1", rng, v, 1, 1)
     p_long = prefill(f"batch1 prefill {long}", rng, v, 1, long)
-    padded = prefill(f"batch3 prefill {long} left-padded", rng, v, 3, long, pads=[0, 5, long // 2])
+    padded = prefill(f"batch3 prefill {long} left-padded", rng, v, 3, long, pads=[0, max(1, long // 8), long // 2])
     empty = prefill("batch3 decode past 0", rng, v, 3, 1)
     return [
         p1,

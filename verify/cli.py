@@ -16,7 +16,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder written by `exportline export`.")]
 StageOpt = Annotated[Optional[list[str]], typer.Option("--stage", help="Check only this stage (repeatable); default: every stage the manifest records.")]
-LongOpt = Annotated[int, typer.Option("--long", min=2, help="Long prefill / past length of the verification cases (DESIGN.md §6 asks ≥ 64).")]
+LongOpt = Annotated[int, typer.Option("--long", min=4, help="Long prefill / past length of the verification cases (DESIGN.md §6 asks ≥ 64).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="torch | onnx | onnx-fp16 | onnx-int8 (trt-* once built).")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", help="Prompt text (repeatable: one batch, left-padded).")]
 TokenIdsOpt = Annotated[Optional[list[str]], typer.Option("--token-ids", help="Comma-separated token ids instead of text (repeatable); for bundles without a tokenizer.")]
