@@ -21,10 +21,6 @@ class TensorSpec:
     dtype: str  # numpy dtype name; "float" = the graph's float type
     dims: tuple[str | int, ...]
 
-    def shape(self, values: dict[str, int]) -> tuple[int, ...]:
-        """The concrete shape for values of the dynamic dims, e.g. {BATCH: 3, SEQUENCE: 1, PAST: 64}."""
-        return _resolve(self.dims, values)
-
 
 @dataclass(frozen=True)
 class KVLayout:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..exporters.errors import ConfigError
-from ..exporters.shapes import BATCH, PAST, SEQUENCE, KVLayout
+from ..exporters.shapes import BATCH, PAST, SEQUENCE, TOTAL, KVLayout
 from .runners.base import Runner
 
 LONG = 64  # the "long" prefill / past length; ≥ 64 per DESIGN.md §6
@@ -45,10 +45,10 @@ class Case:
 
     def feed(self, layout: KVLayout, past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The feed for this case; without `past`, zero-length past tensors (a prefill)."""
-        dims = {BATCH: self.batch, SEQUENCE: self.sequence, PAST: self.past}
+        size = {BATCH: self.batch, SEQUENCE: self.sequence, PAST: self.past, TOTAL: self.past + self.sequence}
         feed: dict[str, np.ndarray] = {}
         for spec in layout.inputs():
-            shape = spec.shape(dims)
+            shape = tuple(d if isinstance(d, int) else size[d] for d in spec.dims)
             if spec.name in ("input_ids", "attention_mask", "position_ids"):
                 feed[spec.name] = getattr(self, spec.name)
             elif past is not None:
