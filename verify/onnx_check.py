@@ -22,7 +22,11 @@ from .runners.registry import make_runner
 
 STAGE = "onnx"
 GREEDY_TOKENS = 32
-REFERENCE = "HF transformers in torch float64 on CPU (greedy: torch float32)"
+
+
+def describe_reference(rebound: list[str]) -> str:
+    exact = f" with {' and '.join(rebound)} rebound to float64 (transformers computes them in float32)" if rebound else ""
+    return f"the bundle's HF model in torch float64 on CPU{exact}; greedy tokens: HF model in torch float32"
 
 
 def fp32_bounds(thresholds: dict) -> dict[str, float]:
@@ -44,6 +48,7 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
         cases = build_cases(layout, long=ctx.options.get("long", 64))
         runs = Materialized(reference, layout)
         expected = [(case, *runs.run(case)) for case in cases]
+        described = describe_reference(reference.float64_rebound)
     del runs, reference
     gc.collect()
 
@@ -62,7 +67,7 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
         graph_tokens = greedy_tokens(candidate, layout, prompt)
     rows.append(greedy_row(stage, torch_tokens, graph_tokens, required=greedy_required))
     return StageReport.from_rows(
-        stage, rows, REFERENCE,
+        stage, rows, described,
         greedy={"prompt": prompt, "torch float32": torch_tokens, backend: graph_tokens},
         cases=[c.name for c in cases],
     )

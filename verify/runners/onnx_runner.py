@@ -1,18 +1,19 @@
 """ONNX Runtime behind the runner contract; `onnxruntime` is imported in `activate()` only.
 
-Before a session is created the file is checked (parses, external data present and long
-enough), because ORT's own message for a truncated model or a missing `.onnx_data` is a
-multi-line stack that does not say which file to restore.
+Before a session is created the files are checked (exporters/onnx_files.py: parses,
+external data present and long enough), because ORT's own message for a truncated model
+or a missing `.onnx_data` is a multi-line stack that does not say which file to restore.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ...exporters.errors import ArtifactError, ConfigError, NotAvailable
+from ...exporters.onnx_files import check_onnx_files
 from .base import Runner
 
 # ORT type strings of the graph inputs we feed → numpy dtypes.
@@ -58,7 +59,7 @@ class OnnxRuntimeRunner(Runner):
         self.output_names: list[str] = []
 
     def activate_impl(self) -> None:
-        check_onnx_file(self.path)
+        check_onnx_files(self.path)
         try:
             import onnxruntime as ort
         except ImportError:
@@ -104,52 +105,6 @@ class OnnxRuntimeRunner(Runner):
             ort_feed[name] = value
         values = self.session.run(self.output_names, ort_feed)
         return dict(zip(self.output_names, values))
-
-
-def check_onnx_file(path: Path) -> None:
-    """One-line ArtifactError when `path` is missing, does not parse, or its external data
-    file is missing or shorter than the tensors it must hold."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist; {_reexport(path)}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path} is not a valid ONNX file ({type(exc).__name__}): truncated or corrupt; {_reexport(path)}") from None
-    if not model.graph.node or not model.graph.output:
-        raise ArtifactError(f"{path} has an empty graph: truncated or corrupt; {_reexport(path)}")
-    needed: dict[str, int] = {}
-    for tensor in _tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        needed[info["location"]] = max(needed.get(info["location"], 0), end)
-    for location, end in needed.items():
-        data = path.parent / location
-        if not data.is_file():
-            raise ArtifactError(
-                f"{data} is missing: {path.name} keeps its weights there; copy it beside {path.name} or {_reexport(path)}"
-            )
-        size = data.stat().st_size
-        if size < end:
-            raise ArtifactError(f"{data} is truncated ({size} bytes, the graph needs {end}); {_reexport(path)}")
-
-
-def _tensors(graph) -> Iterator[Any]:
-    """Initializers and constant tensors, subgraphs included: everything that may be external."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
 
 
 def _reason(exc: Exception) -> str:

@@ -30,11 +30,12 @@ def _torch(root: Path, **options: Any) -> Runner:
 
 def _onnx(rel: str, stage: str) -> Callable[..., Runner]:
     def make(root: Path, **options: Any) -> Runner:
-        from .onnx_runner import OnnxRuntimeRunner, check_onnx_file
+        from ...exporters.onnx_files import check_onnx_files
+        from .onnx_runner import OnnxRuntimeRunner
 
         # Fail here, before a caller spends minutes on a reference, not at activate().
         _check_against_manifest(root, rel, stage)
-        check_onnx_file(root / rel)
+        check_onnx_files(root / rel)
         return OnnxRuntimeRunner(root / rel, **options)
 
     return make

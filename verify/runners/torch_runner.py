@@ -24,8 +24,16 @@ class TorchRunner(Runner):
     runs an in-memory model (copied first when `dtype` differs, so the caller's is untouched)."""
 
     def __init__(
-        self, model_dir: Path | str | None = None, *, model: Any = None, dtype: str = "float32", device: str = "cpu"
+        self,
+        model_dir: Path | str | None = None,
+        *,
+        model: Any = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        exact: bool = True,
     ) -> None:
+        """`exact` (float64 only): rebind transformers' float32-internal RMSNorm and rotary
+        embedding to float64 (verify/runners/float64.py), so the reference is float64 throughout."""
         super().__init__()
         if (model_dir is None) == (model is None):
             raise ConfigError("TorchRunner: give exactly one of model_dir or model")
@@ -36,8 +44,10 @@ class TorchRunner(Runner):
         self.device = device
         self.name = f"torch-{dtype}-{device}"
         self._given = model
+        self.exact = exact and dtype == "float64"
         self.model: Any = None
         self.layout: KVLayout | None = None
+        self.float64_rebound: list[str] = []  # what `exact` rebound, for the report
 
     def activate_impl(self) -> None:
         import torch
@@ -46,11 +56,15 @@ class TorchRunner(Runner):
             raise NotAvailable(f"{self.name}: no CUDA GPU visible to torch; use device='cpu'")
         torch_dtype = getattr(torch, self.dtype)
         if self._given is not None:
-            model = self._given
-            if next(model.parameters()).dtype != torch_dtype or str(next(model.parameters()).device) != self.device:
-                model = copy.deepcopy(model).to(device=self.device, dtype=torch_dtype)
+            model, param = self._given, next(self._given.parameters())
+            if self.exact or param.dtype != torch_dtype or str(param.device) != self.device:
+                model = copy.deepcopy(model).to(device=self.device, dtype=torch_dtype)  # the caller's stays as is
         else:
             model = self._load(torch_dtype)
+        if self.exact:
+            from .float64 import exact_float64
+
+            self.float64_rebound = exact_float64(model)
         self.model = model.eval()
         self.layout = KVLayout.from_config(self.model.config)
 
