@@ -55,7 +55,8 @@ def load_tokenizer(bundle_root: Path):
     from transformers import AutoTokenizer
 
     if not (Path(bundle_root) / "tokenizer.json").is_file():
-        raise NotAvailable("the bundle has no tokenizer.json, and int8 calibration and perplexity need the model's tokenizer")
+        raise NotAvailable("the bundle has no tokenizer.json, and int8 calibration needs the model's tokenizer; "
+                           "export with --tokenizer tokenizer.json")
     return AutoTokenizer.from_pretrained(str(bundle_root), trust_remote_code=False)
 
 

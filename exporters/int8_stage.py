@@ -264,7 +264,9 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inputs(ctx: StageContext) -> list[str]:
-    return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json", "tokenizer.json"]
+    # tokenizer.json only when present: without one the stage is skipped as not available
+    tokenizer = ["tokenizer.json"] if (ctx.bundle.root / "tokenizer.json").is_file() else []
+    return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json", *tokenizer]
 
 
 STAGE = Stage(name="int8", run=_run, inputs=_inputs, versions=("onnx", "onnxruntime", "tokenizers"), options=_options)

@@ -297,3 +297,21 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
         low, high = theirs[tensor].range_value
         expected = max(abs(float(np.min(low))), float(np.max(high)))
         assert float(stats.max()) == pytest.approx(expected, rel=1e-6), tensor
+
+
+def test_no_tokenizer_means_int8_not_available(tmp_path, monkeypatch):
+    """A model shipped without a tokenizer cannot be calibrated on text: the stage is
+    recorded as skipped with the reason, not failed with a missing-file message."""
+    from exportline.exporters import int8_stage
+    from exportline.exporters.bundle import Bundle
+    from exportline.exporters.pipeline import run_pipeline
+
+    root = tmp_path / "b"
+    (root / "onnx").mkdir(parents=True)
+    (root / "onnx" / "model.onnx").write_bytes(b"graph")
+    (root / "config.json").write_text("{}")
+    monkeypatch.setattr(int8_stage, "_layout", lambda ctx: (None, 128))
+    result = run_pipeline(Bundle(root), FolderSource("no-tok", "x"), stages=["int8"])
+    record = result.ran[0]
+    assert record["status"] == "skipped" and "tokenizer.json" in record["reason"]
+    assert not (root / "onnx" / "model_int8.onnx").exists()
