@@ -66,6 +66,21 @@ def local_target() -> Target:
     )
 
 
+def collecting_logger(trt):
+    class CollectingLogger(trt.ILogger):
+        """Keeps TensorRT's errors for the one-line message; the library never prints."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(str(msg).strip().splitlines()[0] if str(msg).strip() else "")
+
+    return CollectingLogger()
+
+
 # -- names --------------------------------------------------------------------------------------
 def engine_filename(precision: str, target: Target) -> str:
     """`<precision>.sm<major><minor>.trt<version>.plan` (DESIGN.md §2)."""
@@ -126,17 +141,13 @@ def _dim_values(profile: ProfileShapes, layout: KVLayout, point: int) -> dict[st
     values: dict[str, int] = {}
     for spec in layout.inputs():
         shape = profile.shapes[spec.name][point]
-        for dim, size in zip(spec.dims, shape):
+        for axis, (dim, size) in enumerate(zip(spec.dims, shape)):
             if dim == TOTAL:
                 continue  # checked below, once past and sequence are known
-            if isinstance(dim, int):
-                expected = dim
-            else:
-                expected = values.setdefault(dim, size)
+            expected = dim if isinstance(dim, int) else values.setdefault(dim, size)
             if size != expected:
-                raise ConfigError(
-                    f"profile {profile.name}: {spec.name} dim {dim!r} is {size}, other inputs say {expected}"
-                )
+                why = f"fixed at {dim}" if isinstance(dim, int) else f"{dim} is {expected} in the other inputs"
+                raise ConfigError(f"profile {profile.name}: {spec.name} axis {axis} is {size}, but {why}")
     values.setdefault(PAST, 0)  # a layout without KV inputs has no past
     mask = profile.shapes["attention_mask"][point]
     if mask[1] != values[PAST] + values[SEQUENCE]:

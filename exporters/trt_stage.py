@@ -20,8 +20,8 @@ from .errors import ConfigError, NotAvailable, StageError
 from .pipeline import Stage, StageContext
 from .shapes import KVLayout
 from .trt_meta import (
-    ENGINE_SOURCES, Target, build_metadata, default_max_sequence, engine_filename, engine_profiles,
-    local_target, load_tensorrt, metadata_path, set_shape_calls, write_metadata,
+    ENGINE_SOURCES, Target, build_metadata, collecting_logger, default_max_sequence, engine_filename,
+    engine_profiles, local_target, load_tensorrt, metadata_path, set_shape_calls, write_metadata,
 )
 
 DEFAULT_MAX_BATCH = 8
@@ -71,21 +71,6 @@ def timing_cache_path(opts: dict[str, Any], target: Target) -> Path:
     return Path(base) / "tensorrt" / f"timing.{target.sm}.trt{target.tensorrt}.cache"
 
 
-def _make_logger(trt):
-    class CollectingLogger(trt.ILogger):
-        """Keeps TensorRT's errors for the one-line message; the library never prints."""
-
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(str(msg).strip().splitlines()[0] if str(msg).strip() else "")
-
-    return CollectingLogger()
-
-
 def _parse(trt, builder, logger, onnx_path: Path):
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -125,7 +110,7 @@ def _save_timing_cache(config, path: Path) -> None:
 
 def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing_cache: Path, progress):
     """Serialized engine and its I/O names for one strongly typed ONNX graph."""
-    logger = _make_logger(trt)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path)
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
