@@ -78,6 +78,11 @@ class Bundle:
         write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         return manifest
 
+    def refresh_manifest(self) -> dict[str, Any]:
+        """Re-list the files (e.g. after reports/ or README.md were written) under the lock."""
+        with self.lock():
+            return self.write_manifest(self.read_manifest())
+
     def list_files(self, previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """Every file in the bundle with its checksum; unchanged files (same size and mtime)
         reuse the checksum already recorded instead of re-reading gigabytes."""

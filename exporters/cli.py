@@ -62,7 +62,8 @@ def export(
     if verify:
         from ..verify.bundle import verify_bundle
 
-        report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran if r["status"] == "done"])
+        report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran], progress=err.print)
+        bundle.refresh_manifest()
         err.print(report.summary())
         report.raise_for_failure()
     err.print(f"bundle: {bundle.root}")
