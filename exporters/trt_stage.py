@@ -145,6 +145,8 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     target = local_target()  # NotAvailable("TensorRT not installed" | "no CUDA GPU") → skipped
     trt = load_tensorrt()
     opts = _options(ctx.options)
+    if not ctx.bundle_file("config.json").is_file():
+        raise StageError(f"{ctx.bundle.root} has no config.json; run the hf stage first (--stages hf,onnx,fp16,int8,trt)")
     precisions = [p for p in ENGINE_SOURCES if ctx.bundle_file(ENGINE_SOURCES[p]).is_file()]
     if not precisions:
         raise StageError(
