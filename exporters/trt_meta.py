@@ -207,6 +207,10 @@ def build_metadata(
         "gpu": target.gpu,
         "cuda": target.cuda,
         "strongly_typed": True,
+        # Built for exactly this TensorRT and GPU (no VERSION_COMPATIBLE flag, no hardware
+        # compatibility level): the fastest engine, and the reason for the compatibility check.
+        "version_compatible": False,
+        "hardware_compatible": False,
         "source": dict(source),
         "max_batch": max_batch,
         "max_sequence": max_sequence,

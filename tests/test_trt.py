@@ -156,6 +156,7 @@ def test_metadata_json_round_trip(tmp_path):
     assert back["engine"] == "fp16.sm90.trt10.13.3.9.plan"
     assert (back["tensorrt"], back["compute_capability"], back["gpu"], back["cuda"]) == ("10.13.3.9", "9.0", "NVIDIA H100", "12.8")
     assert back["strongly_typed"] is True and back["max_sequence"] == 32 and back["max_batch"] == 2
+    assert back["version_compatible"] is False and back["hardware_compatible"] is False
     assert [p["name"] for p in back["profiles"]] == ["prefill", "decode"]
     assert back["profiles"][1]["shapes"]["attention_mask"] == {"min": [1, 1], "opt": [1, 17], "max": [2, 32]}
     path.write_text("{not json")
@@ -305,3 +306,14 @@ def _config(root: Path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(root)
+
+
+def test_deploy_reads_the_engine_json(tmp_path):
+    """deploy/engines.py judges engines from this JSON: it must find the build target in it."""
+    from exportline.deploy.engines import build_env
+
+    plan = tmp_path / engine_filename("fp16", H100)
+    plan.write_bytes(b"")
+    write_metadata(metadata_path(plan), _meta())
+    env = build_env(plan)
+    assert (env["tensorrt"], env["sm"], env["version_compatible"]) == ("10.13.3.9", "90", False)
