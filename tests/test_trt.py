@@ -312,7 +312,7 @@ def test_deploy_reads_the_engine_json(tmp_path):
     """deploy/engines.py judges engines from this JSON: it must find the build target in it."""
     from exportline.deploy.engines import build_env
 
-    plan = tmp_path / engine_filename("fp16", H100)
+    plan = tmp_path / "renamed.plan"  # a name deploy cannot parse: the values must come from the JSON
     plan.write_bytes(b"")
     write_metadata(metadata_path(plan), _meta())
     env = build_env(plan)
