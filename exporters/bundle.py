@@ -42,7 +42,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _disk_hint(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return "the disk is full: free space and run again"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return "pick a writable folder with --out"
     return "check the output folder and run again"
 

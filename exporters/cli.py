@@ -24,6 +24,7 @@ err = Console(stderr=True)
 # Option types declared once, reused by every command (huggingface_hub's habit).
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: out/<name>).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun stages whose inputs are unchanged.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the Python files of an HF folder (off by default).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value, e.g. model.num_hidden_layers=4.")]
 
 
@@ -40,6 +41,8 @@ def export(
     trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
     trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from .bundle import Bundle
@@ -47,7 +50,7 @@ def export(
     from .presets import parse_overrides
     from .sources import resolve_source
 
-    src = resolve_source(source, parse_overrides(set_ or []))
+    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     bundle = Bundle(out or Path("out") / src.name)
     options = {
         "calibration_data": str(calibration_data) if calibration_data else None,
