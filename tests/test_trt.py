@@ -203,13 +203,23 @@ def test_find_engine_picks_this_targets_plan_and_refuses_others(tmp_path):
         find_engine(tmp_path, "int8", H100)
 
 
-def test_runner_refuses_unknown_backends_without_touching_a_gpu(tmp_path):
-    from exportline.verify.runners.trt_runner import TrtRunner, make_trt_runner
+def test_registry_has_the_trt_backends(tmp_path):
+    from exportline.verify.runners import BACKENDS, make_runner
+    from exportline.verify.runners.trt_runner import TrtRunner
 
-    runner = make_trt_runner(tmp_path, "trt-int8")  # cheap constructor: nothing imported or loaded
-    assert isinstance(runner, TrtRunner) and runner.precision == "int8" and not runner.is_active
-    with pytest.raises(ConfigError, match="unknown TensorRT backend"):
-        make_trt_runner(tmp_path, "trt-fp32")
+    assert BACKENDS["trt-fp16"].stage == BACKENDS["trt-int8"].stage == "trt"
+    runner = TrtRunner(tmp_path, "int8")  # cheap constructor: nothing imported or loaded
+    assert runner.name == "trt-int8" and not runner.is_active
+    with pytest.raises(ConfigError, match="unknown TensorRT precision"):
+        TrtRunner(tmp_path, "fp32")
+    with pytest.raises(ConfigError, match="takes no runner options"):
+        make_runner(tmp_path, "trt-fp16", threads=2)
+    if UNAVAILABLE:
+        with pytest.raises(NotAvailable, match=f"backend trt-fp16: not available: {UNAVAILABLE}"):
+            make_runner(tmp_path, "trt-fp16")
+    else:
+        with pytest.raises(ArtifactError, match="no fp16 TensorRT engine.*--stages trt"):
+            make_runner(tmp_path, "trt-fp16")
 
 
 # -- the skip path ----------------------------------------------------------------------------------
@@ -262,6 +272,29 @@ def test_trt_check_reports_not_available(tmp_path):
     assert report.reason == UNAVAILABLE and not report.rows
 
 
+def test_trt_check_judges_the_recorded_engines_of_this_target(tmp_path):
+    from exportline.exporters.presets import load_thresholds
+    from exportline.verify.bundle import CheckContext
+    from exportline.verify.trt_check import _recorded_engines, logits_bounds
+
+    thresholds = load_thresholds()
+    assert logits_bounds(thresholds, "fp16") == {"rel_l2": thresholds["fp16"]["rel_l2"], "top1": thresholds["fp16"]["top1"]}
+    assert logits_bounds(thresholds, "int8") == {"top1": thresholds["int8"]["top1"]}
+    name = engine_filename("fp16", H100)
+    (tmp_path / "trt").mkdir()
+    write_metadata(metadata_path(tmp_path / "trt" / name), _meta())
+    manifest = {"stages": {"trt": {"status": "done", "info": {"engines": {"fp16": name}}}}}
+    ctx = CheckContext(tmp_path, manifest, thresholds, lambda m: None)
+    assert _recorded_engines(ctx, H100) == {"fp16": name}
+    with pytest.raises(NotAvailable, match=r"this GPU is 8\.9.*--stages trt --force"):  # cannot run here: not a failure
+        _recorded_engines(ctx, Target("10.13.3.9", "8.9"))
+    manifest["stages"]["trt"]["info"]["engines"]["int8"] = engine_filename("int8", H100)  # recorded, JSON gone
+    with pytest.raises(ArtifactError, match="is missing"):
+        _recorded_engines(ctx, H100)
+    with pytest.raises(ArtifactError, match="no engine recorded"):
+        _recorded_engines(CheckContext(tmp_path, {"stages": {}}, thresholds, lambda m: None), H100)
+
+
 # -- real TensorRT (skips with the reason without it) -------------------------------------------
 def _require_trt_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT not installed")
@@ -272,48 +305,40 @@ def _require_trt_gpu():
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_build_and_run_fp16_engine(tmp_path):
+def test_build_run_and_verify_fp16_engine(tmp_path):
     _require_trt_gpu()
     for stage in ("onnx", "fp16"):
         pytest.importorskip(STAGE_ORDER[stage].split(":")[0], reason=f"the {stage} stage is not in this build")
     import numpy as np
 
-    from exportline.verify.runners.trt_runner import TrtRunner
+    from exportline.verify.bundle import verify_bundle
+    from exportline.verify.runners import make_runner
 
     bundle = Bundle(tmp_path / "b")
-    options = {"trt_max_batch": 2, "trt_max_sequence": 64, "trt_timing_cache": str(tmp_path / "timing.cache")}
+    cache = tmp_path / "timing.cache"
+    options = {"trt_max_batch": 4, "trt_max_sequence": 128, "trt_timing_cache": str(cache)}
     result = run_pipeline(bundle, resolve_source("tiny"), stages=["hf", "onnx", "fp16", "trt"], options=options)
-    record = result.ran[-1]
-    assert record["status"] == "done", record
+    assert result.ran[-1]["status"] == "done", result.ran[-1]
     target = local_target()
     plan = bundle.root / "trt" / engine_filename("fp16", target)
     meta = read_metadata(metadata_path(plan))
-    assert plan.stat().st_size > 0 and meta["tensorrt"] == target.tensorrt and meta["max_sequence"] == 64
-    assert (tmp_path / "timing.cache").stat().st_size > 0
-    with TrtRunner(bundle.root, "fp16") as runner:
-        rng = np.random.default_rng(0)
-        ids = rng.integers(0, 512, size=(2, 8), dtype=np.int64)
+    assert plan.stat().st_size > 0 and meta["tensorrt"] == target.tensorrt and meta["max_sequence"] == 128
+    assert cache.stat().st_size > 0
+    with make_runner(bundle.root, "trt-fp16") as runner:
+        layout = KVLayout.from_config(_config(bundle.root))
+        ids = np.random.default_rng(0).integers(0, layout.vocab_size, size=(2, 8), dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones((2, 8), np.int64),
                 "position_ids": np.tile(np.arange(8, dtype=np.int64), (2, 1))}
-        for spec in KVLayout.from_config(_config(bundle.root)).inputs()[3:]:
-            feed[spec.name] = np.zeros((2, spec.dims[1], 0, spec.dims[3]), np.float16)
+        for name in layout.past_names():
+            feed[name] = np.zeros((2, layout.num_kv_heads, 0, layout.head_dim), np.float32)
         out = runner.infer(feed)
-        assert out["logits"].shape == (2, 8, 512) and np.isfinite(out["logits"]).all()
-        assert out["present.0.key"].shape[2] == 8
+        assert out["logits"].shape == (2, 8, layout.vocab_size) and np.isfinite(out["logits"]).all()
+        assert out["present.0.key"].shape == (2, layout.num_kv_heads, 8, layout.head_dim)
+    report = verify_bundle(bundle.root, stages=["trt"])
+    assert report.stages[0].status == "passed", report.first_failure()
 
 
 def _config(root: Path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(root)
-
-
-def test_deploy_reads_the_engine_json(tmp_path):
-    """deploy/engines.py judges engines from this JSON: it must find the build target in it."""
-    from exportline.deploy.engines import build_env
-
-    plan = tmp_path / "renamed.plan"  # a name deploy cannot parse: the values must come from the JSON
-    plan.write_bytes(b"")
-    write_metadata(metadata_path(plan), _meta())
-    env = build_env(plan)
-    assert (env["tensorrt"], env["sm"], env["version_compatible"]) == ("10.13.3.9", "90", False)

@@ -19,9 +19,6 @@ from ...exporters.trt_meta import (
 )
 from .base import Runner
 
-# Backend name (as verify, generate and bench spell it) → engine precision.
-BACKENDS = {"trt-fp16": "fp16", "trt-int8": "int8"}
-
 # TensorRT DataType name → torch dtype name; numpy cannot hold bf16, so it is left out.
 _TORCH_DTYPES = {
     "FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
@@ -115,9 +112,3 @@ class TrtRunner(Runner):
                 delattr(self, attr)
         self._profile = None
 
-
-def make_trt_runner(bundle_root: Path, backend: str) -> TrtRunner:
-    """`trt-fp16` / `trt-int8` → a runner on that engine of the bundle."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown TensorRT backend {backend!r}; known: {', '.join(BACKENDS)}")
-    return TrtRunner(bundle_root, BACKENDS[backend])
