@@ -81,6 +81,7 @@ def _parse(trt, builder, logger, onnx_path: Path):
             f"{errors[0].desc()} (node {errors[0].node_name() or errors[0].node()}, op {errors[0].node_operator()})"
             if errors else (logger.errors[-1] if logger.errors else "no error reported")
         )
+        first = " ".join(first.split())  # TensorRT's descriptions span lines; the message is one
         raise StageError(
             f"TensorRT cannot parse {onnx_path.name}: {first} ({len(errors)} parser errors); "
             "re-export the ONNX with --force or report the operator"
@@ -100,12 +101,16 @@ def _use_timing_cache(trt, config, path: Path, progress) -> None:
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
-def _save_timing_cache(config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save_timing_cache(config, path: Path, progress) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(config.get_timing_cache().serialize())
-    os.replace(tmp, path)  # another build reading the cache sees the old or the new one
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(config.get_timing_cache().serialize())
+        os.replace(tmp, path)  # another build reading the cache sees the old or the new one
+    except OSError as exc:  # the cache only saves time: the engine is still good
+        tmp.unlink(missing_ok=True)
+        progress(f"trt: timing cache not saved to {path} ({exc.strerror}); point EXPORTLINE_CACHE at a writable folder")
 
 
 def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing_cache: Path, progress):
@@ -128,7 +133,8 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
         for name, lo, opt, hi in set_shape_calls(profile):
             trt_profile.set_shape(name, lo, opt, hi)
         if config.add_optimization_profile(trt_profile) < 0:
-            raise StageError(f"TensorRT refused the {profile.name} profile: {logger.errors[-1:] or 'invalid shapes'}")
+            reason = logger.errors[-1] if logger.errors else "invalid shapes"
+            raise StageError(f"TensorRT refused the {profile.name} profile of {onnx_path.name}: {reason}")
     _use_timing_cache(trt, config, timing_cache, progress)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -137,7 +143,7 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
             f"TensorRT could not build an engine from {onnx_path.name}: {reason}; "
             "try a larger --trt-workspace-gib or smaller --trt-max-batch/--trt-max-sequence"
         )
-    _save_timing_cache(config, timing_cache)
+    _save_timing_cache(config, timing_cache, progress)
     return plan, {"inputs": inputs, "outputs": outputs}
 
 
