@@ -295,17 +295,6 @@ def test_trt_check_judges_the_recorded_engines_of_this_target(tmp_path):
         _recorded_engines(CheckContext(tmp_path, {"stages": {}}, thresholds, lambda m: None), H100)
 
 
-def test_deploy_reads_the_engine_json(tmp_path):
-    """deploy/engines.py judges engines from this JSON: it must find the build target in it."""
-    from exportline.deploy.engines import build_env
-
-    plan = tmp_path / "renamed.plan"  # a name deploy cannot parse: the values must come from the JSON
-    plan.write_bytes(b"")
-    write_metadata(metadata_path(plan), _meta())
-    env = build_env(plan)
-    assert (env["tensorrt"], env["sm"], env["version_compatible"]) == ("10.13.3.9", "90", False)
-
-
 # -- real TensorRT (skips with the reason without it) -------------------------------------------
 def _require_trt_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT not installed")
