@@ -41,18 +41,34 @@ def _onnx(rel: str, stage: str) -> Callable[..., Runner]:
     return make
 
 
+def _trt(precision: str) -> Callable[..., Runner]:
+    def make(root: Path, **options: Any) -> Runner:
+        from ...exporters.trt_meta import find_engine, local_target
+        from .trt_runner import TrtRunner
+
+        if options:
+            raise ConfigError(f"backend trt-{precision} takes no runner options (got {', '.join(options)})")
+        try:
+            target = local_target()
+        except NotAvailable as exc:
+            raise NotAvailable(f"backend trt-{precision}: not available: {exc}") from None
+        find_engine(root, precision, target)  # fail fast: no engine, or one built for another GPU/TensorRT
+        return TrtRunner(root, precision)
+
+    return make
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("HF transformers in torch (the bundle root)", _torch, "hf"),
     "onnx": Backend("ONNX Runtime, fp32 graph", _onnx("onnx/model.onnx", "onnx"), "onnx"),
     "onnx-fp16": Backend("ONNX Runtime, fp16 graph", _onnx("onnx/model_fp16.onnx", "fp16"), "fp16"),
     "onnx-int8": Backend("ONNX Runtime, Q/DQ int8 graph", _onnx("onnx/model_int8.onnx", "int8"), "int8"),
+    "trt-fp16": Backend("TensorRT engine built from the fp16 graph", _trt("fp16"), "trt"),
+    "trt-int8": Backend("TensorRT engine built from the Q/DQ int8 graph", _trt("int8"), "trt"),
 }
 
-# Planned backends whose runner is not built yet; the trt runner replaces these with entries above.
-PLANNED: dict[str, str] = {
-    "trt-fp16": "the TensorRT runner is not part of this build yet (DESIGN.md §5)",
-    "trt-int8": "the TensorRT runner is not part of this build yet (DESIGN.md §5)",
-}
+# Planned backends whose runner is not built yet (none at present).
+PLANNED: dict[str, str] = {}
 
 
 def backend_names() -> list[str]:
