@@ -3,6 +3,7 @@ ExportlineError with a one-line message, which becomes `error: ...` and a non-ze
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -109,6 +110,8 @@ _register_subcommands()
 
 
 def main() -> None:
+    # transformers/huggingface_hub draw tqdm bars on stderr; the CLI reports progress itself.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except ExportlineError as exc:
