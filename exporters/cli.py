@@ -63,12 +63,16 @@ def export(
             require=tuple(parse_stages(require)) if require else (),
             progress=lambda msg: (status.update(msg), err.print(msg)),
         )
+    report = None
     if verify:
         from ..verify.bundle import verify_bundle
 
         report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran], progress=err.print)
-        bundle.refresh_manifest()
         err.print(report.summary())
+    from ..deploy.prepare import prepare_bundle
+
+    prepare_bundle(bundle.root)  # model card (README.md) + hubconf.py from manifest and reports
+    if report:
         report.raise_for_failure()
     err.print(f"bundle: {bundle.root}")
 
