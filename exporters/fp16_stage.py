@@ -23,7 +23,6 @@ topologically sorted before it is written; the ONNX checker with strict types th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .errors import StageError

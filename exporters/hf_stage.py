@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .hf_files import SHARD_BYTES, write_hf_weights  # noqa: F401  (re-exported for callers)
 from .pipeline import Stage, StageContext
 
 

@@ -10,8 +10,11 @@ so a 1B bundle needs the float64 copy (8 GB) at most, never all three together.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import numpy as np
+
+from ..exporters.shapes import KVLayout
 
 from .bundle import CheckContext
 from .cases import Case, Materialized, build_cases, output_mask, positions_first
@@ -29,6 +32,35 @@ def describe_reference(rebound: list[str]) -> str:
     return f"the bundle's HF model in torch float64 on CPU{exact}; greedy tokens: HF model in torch float32"
 
 
+@dataclass
+class Expected:
+    """The float64 reference's outputs for every case (and, if asked, its greedy tokens)."""
+
+    layout: KVLayout
+    cases: list[Case]
+    outputs: list[tuple[Case, dict, dict]]  # (case, feed, reference outputs)
+    prompt: list[int]
+    tokens: list[int] | None
+    described: str
+
+
+def float64_expectations(ctx: CheckContext, stage: str, *, greedy: bool) -> Expected:
+    """Run the float64 reference once over every case and free it before the candidate
+    loads: at 1B the float64 copy alone is 8 GB."""
+    ctx.progress(f"{stage}: float64 reference")
+    with make_runner(ctx.root, "torch", dtype="float64") as reference:
+        layout = reference.layout
+        cases = build_cases(layout, long=ctx.options.get("long", 64))
+        runs = Materialized(reference, layout)
+        outputs = [(case, *runs.run(case)) for case in cases]
+        prompt = greedy_prompt(layout.vocab_size)
+        tokens = greedy_tokens(reference, layout, prompt) if greedy else None
+        described = describe_reference(reference.float64_rebound)
+    del runs, reference
+    gc.collect()
+    return Expected(layout, cases, outputs, prompt, tokens, described)
+
+
 def fp32_bounds(thresholds: dict) -> dict[str, float]:
     t = thresholds["fp32"]
     return {"rel_l2": float(t["rel_l2"]), "max_abs_over_max_ref": float(t["max_abs_over_max_ref"])}
@@ -42,17 +74,9 @@ def check(ctx: CheckContext) -> StageReport:
 def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, greedy_required: bool) -> StageReport:
     """Reference outputs first (then freed), torch fp32 greedy tokens, then the graph."""
     candidate = make_runner(ctx.root, backend)  # fails fast on a missing / truncated file
-    ctx.progress(f"{stage}: float64 reference")
-    with make_runner(ctx.root, "torch", dtype="float64") as reference:
-        layout = reference.layout
-        cases = build_cases(layout, long=ctx.options.get("long", 64))
-        runs = Materialized(reference, layout)
-        expected = [(case, *runs.run(case)) for case in cases]
-        described = describe_reference(reference.float64_rebound)
-    del runs, reference
-    gc.collect()
-
-    prompt = greedy_prompt(layout.vocab_size)
+    expectations = float64_expectations(ctx, stage, greedy=False)
+    layout, cases, expected, prompt = (
+        expectations.layout, expectations.cases, expectations.outputs, expectations.prompt)
     ctx.progress(f"{stage}: torch float32 greedy ({GREEDY_TOKENS} tokens)")
     with make_runner(ctx.root, "torch", dtype="float32") as torch32:
         torch_tokens = greedy_tokens(torch32, layout, prompt)
@@ -67,7 +91,7 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
         graph_tokens = greedy_tokens(candidate, layout, prompt)
     rows.append(greedy_row(stage, torch_tokens, graph_tokens, required=greedy_required))
     return StageReport.from_rows(
-        stage, rows, described,
+        stage, rows, expectations.described,
         greedy={"prompt": prompt, "torch float32": torch_tokens, backend: graph_tokens},
         cases=[c.name for c in cases],
     )

@@ -14,7 +14,6 @@ never the text the ranges were calibrated on.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,8 @@ import numpy as np
 from ..exporters.calibration import HELDOUT_EVERY, calibration_path, file_sha256, load_tokenizer, split_text, spread
 from ..exporters.errors import ConfigError
 from .bundle import CheckContext
-from .cases import Case, Materialized, build_cases, output_mask, positions_first
-from .onnx_check import greedy_prompt, greedy_row, greedy_tokens
+from .cases import Case, output_mask, positions_first
+from .onnx_check import float64_expectations, greedy_row, greedy_tokens
 from .report import CheckRow, StageReport, judge, tensor_row
 from .runners.registry import make_runner
 
@@ -37,16 +36,9 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     t = ctx.thresholds["fp16"]
     logits_bounds = {"rel_l2": float(t["rel_l2"]), "top1": float(t["top1"])}
     candidate = make_runner(ctx.root, "onnx-fp16")
-    ctx.progress("fp16: float64 reference")
-    with make_runner(ctx.root, "torch", dtype="float64") as reference:
-        layout = reference.layout
-        cases = build_cases(layout, long=ctx.options.get("long", 64))
-        runs = Materialized(reference, layout)
-        expected = [(case, *runs.run(case)) for case in cases]
-        prompt = greedy_prompt(layout.vocab_size)
-        reference_tokens = greedy_tokens(reference, layout, prompt)
-    del runs, reference
-    gc.collect()
+    expectations = float64_expectations(ctx, "fp16", greedy=True)
+    layout, cases, expected, prompt, reference_tokens = (
+        expectations.layout, expectations.cases, expectations.outputs, expectations.prompt, expectations.tokens)
     ctx.progress(f"fp16: onnx-fp16 over {len(cases)} cases")
     rows: list[CheckRow] = []
     with candidate:

@@ -13,7 +13,6 @@ run here (DESIGN.md §5).
 
 from __future__ import annotations
 
-import gc
 
 import numpy as np
 
@@ -22,8 +21,8 @@ from ..exporters.trt_meta import (
     ENGINE_SOURCES, check_engine_compatible, local_target, metadata_path, read_metadata, select_profile,
 )
 from .bundle import CheckContext
-from .cases import Case, Materialized, build_cases, output_mask, positions_first
-from .onnx_check import greedy_prompt, greedy_row, greedy_tokens
+from .cases import Case, output_mask, positions_first
+from .onnx_check import float64_expectations, greedy_row, greedy_tokens
 from .report import CheckRow, StageReport, judge, tensor_row
 from .runners.registry import make_runner
 
@@ -44,16 +43,9 @@ def check(ctx: CheckContext) -> StageReport:
     except ArtifactError as exc:
         return StageReport(STAGE, "failed", reason=str(exc))
     runners = {p: make_runner(ctx.root, f"trt-{p}") for p in engines}
-    ctx.progress(f"{STAGE}: float64 reference")
-    with make_runner(ctx.root, "torch", dtype="float64") as reference:
-        layout = reference.layout
-        cases = build_cases(layout, long=ctx.options.get("long", 64))
-        runs = Materialized(reference, layout)
-        expected = [(case, *runs.run(case)) for case in cases]
-        prompt = greedy_prompt(layout.vocab_size)
-        reference_tokens = greedy_tokens(reference, layout, prompt)
-    del runs, reference
-    gc.collect()
+    expectations = float64_expectations(ctx, STAGE, greedy=True)
+    layout, cases, expected, prompt, reference_tokens = (
+        expectations.layout, expectations.cases, expectations.outputs, expectations.prompt, expectations.tokens)
     rows: list[CheckRow] = []
     greedy = {"prompt": prompt, "torch float64": reference_tokens}
     for precision, runner in runners.items():
