@@ -501,10 +501,10 @@ def _route(method: str, p: list[str]):
 class HubServer:
     """The server on 127.0.0.1 with an ephemeral port, serving from a daemon thread."""
 
-    def __init__(self, tokens: dict[str, str] | None = None):
+    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0):
         self.state = HubState(tokens or {})
         handler = type("Handler", (_Handler,), {"state": self.state})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         handler.base_url = self.url
@@ -517,3 +517,24 @@ class HubServer:
     def __exit__(self, *exc) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def main() -> None:
+    """`python tests/hub_server.py [--port N]`: serve until Ctrl-C, for trying push/pull by hand
+    (`HF_ENDPOINT=http://127.0.0.1:N HF_HUB_DISABLE_XET=1 HF_TOKEN=hf_… exportline push …`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", action="append", default=[], help="a token the server accepts (repeatable); it may write to any repo")
+    args = parser.parse_args()
+    with HubServer({t: "user" for t in args.token}, port=args.port) as server:
+        print(f"local Hub at {server.url}", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
