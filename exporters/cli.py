@@ -3,6 +3,7 @@ ExportlineError with a one-line message, which becomes `error: ...` and a non-ze
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,6 +25,7 @@ err = Console(stderr=True)
 # Option types declared once, reused by every command (huggingface_hub's habit).
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: out/<name>).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun stages whose inputs are unchanged.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the Python files of an HF folder (off by default).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value, e.g. model.num_hidden_layers=4.")]
 
 
@@ -37,6 +39,11 @@ def export(
     calibration_data: Annotated[Optional[Path], typer.Option(help="Text file for int8 calibration.")] = None,
     set_: SetOpt = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every stage run and write reports/.")] = True,
+    trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
+    trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
+    trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from .bundle import Bundle
@@ -44,20 +51,28 @@ def export(
     from .presets import parse_overrides
     from .sources import resolve_source
 
-    src = resolve_source(source, parse_overrides(set_ or []))
+    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     bundle = Bundle(out or Path("out") / src.name)
-    options = {"calibration_data": str(calibration_data) if calibration_data else None}
+    options = {
+        "calibration_data": str(calibration_data) if calibration_data else None,
+        "trt_max_batch": trt_max_batch, "trt_max_sequence": trt_max_sequence, "trt_workspace_gib": trt_workspace_gib,
+    }
     with err.status("exporting…") as status:
         result = run_pipeline(
             bundle, src, stages=parse_stages(stages), options=options, force=force,
             require=tuple(parse_stages(require)) if require else (),
             progress=lambda msg: (status.update(msg), err.print(msg)),
         )
+    report = None
     if verify:
         from ..verify.bundle import verify_bundle
 
-        report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran if r["status"] == "done"])
+        report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran], progress=err.print)
         err.print(report.summary())
+    from ..deploy.prepare import prepare_bundle
+
+    prepare_bundle(bundle.root)  # model card (README.md) + hubconf.py from manifest and reports
+    if report:
         report.raise_for_failure()
     err.print(f"bundle: {bundle.root}")
 
@@ -99,6 +114,8 @@ _register_subcommands()
 
 
 def main() -> None:
+    # transformers/huggingface_hub draw tqdm bars on stderr; the CLI reports progress itself.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except ExportlineError as exc:
