@@ -47,17 +47,15 @@ def _source(preset: str, overrides: list[str]):
     return resolve_source(preset, parse_overrides(overrides))
 
 
-def ensure_hf(preset: str, out: Path, overrides: list[str]) -> None:
-    """The HF folder the stages read; cached by the pipeline when already there."""
-    from ..exporters.bundle import Bundle
-    from ..exporters.pipeline import run_pipeline
+def _run_child(preset: str, stage: str, out: Path, overrides: list[str], *, force: bool):
+    """Run one stage in a fresh interpreter; returns its record, wall time and rusage.
 
-    run_pipeline(Bundle(out), _source(preset, overrides), stages=["hf"])
-
-
-def measure_stage(preset: str, stage: str, out: Path, overrides: list[str]) -> StageCost:
-    """Run `stage` (forced) in a child interpreter and measure that process."""
-    cmd = [sys.executable, "-m", "exportline.bench.export_cost", preset, "--stages", stage, "--out", str(out), "--child"]
+    The parent stays a small process: a child's ru_maxrss starts from the RSS of the
+    process it was forked from (Linux keeps the high-water mark across exec), so running
+    the hf stage here first would inflate the figure of the stage measured next.
+    """
+    cmd = [sys.executable, "-m", "exportline.bench.export_cost", preset, "--stages", stage, "--out", str(out),
+           "--child", "--force" if force else "--no-force"]
     for pair in overrides:
         cmd += ["--set", pair]
     start = time.perf_counter()
@@ -71,7 +69,17 @@ def measure_stage(preset: str, stage: str, out: Path, overrides: list[str]) -> S
         from ..exporters.errors import StageError
 
         raise StageError(f"stage {stage} failed in its child process (exit {child.returncode}); its error is above")
-    record = json.loads(lines[-1][len(_RECORD):])
+    return json.loads(lines[-1][len(_RECORD):]), wall, usage
+
+
+def ensure_hf(preset: str, out: Path, overrides: list[str]) -> None:
+    """The HF folder the stages read (cached by the pipeline when already there)."""
+    _run_child(preset, "hf", out, overrides, force=False)
+
+
+def measure_stage(preset: str, stage: str, out: Path, overrides: list[str]) -> StageCost:
+    """Run `stage` (forced) in a child interpreter and measure that process."""
+    record, wall, usage = _run_child(preset, stage, out, overrides, force=True)
     info = record.get("info", {})
     files = {rel: (out / rel).stat().st_size for rel in record.get("outputs", [])}
     folders = {str(Path(rel).parent) for rel in files}
@@ -87,11 +95,11 @@ def _safetensors_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
-def _child(preset: str, stage: str, out: Path, overrides: list[str]) -> None:
+def _child(preset: str, stage: str, out: Path, overrides: list[str], force: bool) -> None:
     from ..exporters.bundle import Bundle
     from ..exporters.pipeline import run_pipeline
 
-    result = run_pipeline(Bundle(out), _source(preset, overrides), stages=[stage], force=True)
+    result = run_pipeline(Bundle(out), _source(preset, overrides), stages=[stage], force=force)
     print(_RECORD + json.dumps(result.ran[-1], default=str), flush=True)
 
 
@@ -123,6 +131,7 @@ def main(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
     child: Annotated[bool, typer.Option(hidden=True)] = False,
+    force: Annotated[bool, typer.Option("--force/--no-force", hidden=True)] = True,
 ) -> None:
     """Measure wall time and peak memory of export stages, each in a fresh process."""
     from ..exporters.errors import ExportlineError
@@ -132,7 +141,7 @@ def main(
     try:
         names = parse_stages(stages)
         if child:
-            return _child(preset, names[0], out, set_ or [])
+            return _child(preset, names[0], out, set_ or [], force)
         ensure_hf(preset, out, set_ or [])
         costs = [measure_stage(preset, name, out, set_ or []) for name in names if name != "hf"]
     except ExportlineError as exc:
