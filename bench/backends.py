@@ -1,0 +1,93 @@
+"""Which backends a run benchmarks, and opening each through the runner registry.
+
+A backend that cannot be opened (library not installed, artifact missing, no GPU) becomes a
+"not available" entry with the registry's one-line reason; it is never dropped.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..exporters.errors import ConfigError, ExportlineError
+from ..exporters.measure import current_rss_bytes
+
+# Backend → precision of its weights (the roofline's bytes per weight), in report order.
+PRECISION: dict[str, str] = {
+    "torch": "fp32",
+    "onnx": "fp32",
+    "onnx-fp16": "fp16",
+    "onnx-int8": "int8",
+    "trt-fp16": "fp16",
+    "trt-int8": "int8",
+}
+REFERENCE = "torch"  # speedups are over torch eager fp32 on the same device, same run
+
+RunnerFactory = Callable[..., Any]
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in PRECISION]
+    if unknown or not names:
+        raise ConfigError(f"--backends {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"known backends: {','.join(PRECISION)}")
+    return list(dict.fromkeys(names))  # user order, duplicates dropped
+
+
+def default_factory() -> RunnerFactory:
+    from ..verify.runners import make_runner
+
+    return make_runner
+
+
+@dataclass
+class Opened:
+    """A backend's runner, activated, or the reason it is not available."""
+
+    backend: str
+    runner: Any = None
+    reason: str = ""
+    rss_before_bytes: int = 0
+    rss_after_activate_bytes: int = 0
+    session: dict | None = None  # e.g. ONNX Runtime session options, as the runner reports them
+
+
+def open_backend(root: Path, backend: str, *, device: str, factory: RunnerFactory) -> Opened:
+    release_memory()
+    opened = Opened(backend, rss_before_bytes=current_rss_bytes())
+    try:
+        runner = factory(root, backend, device=device)
+        runner.activate()
+    except ExportlineError as exc:  # NotAvailable, ArtifactError, …: the registry says why
+        opened.reason = str(exc)
+        return opened
+    except ImportError as exc:
+        opened.reason = f"{backend}: {exc.name or exc} not installed"
+        return opened
+    opened.runner = runner
+    opened.rss_after_activate_bytes = current_rss_bytes()
+    describe = getattr(runner, "describe", None)
+    opened.session = describe() if callable(describe) else None
+    return opened
+
+
+def close_backend(opened: Opened) -> None:
+    if opened.runner is not None:
+        opened.runner.deactivate()
+        opened.runner = None
+    release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS between backends, so that the next backend's peak
+    RSS is not inflated by pages the previous one freed but glibc kept."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure is an upper bound then
+        pass
