@@ -37,6 +37,42 @@ def parse_backends(text: str) -> list[str]:
     return list(dict.fromkeys(names))  # user order, duplicates dropped
 
 
+def ort_session_options(threads: int) -> dict[str, Any]:
+    """Intra-op threads = physical cores (hyper-threads only contend for the same FMA units),
+    one inter-op thread (a decoder graph is a chain, nothing to run in parallel), every
+    graph optimization (fusions for attention, GELU/RMSNorm, Q/DQ → integer kernels)."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+    }
+
+
+def _torch_options(device: str, threads: int) -> dict[str, Any]:
+    return {"device": device}
+
+
+def _ort_options(device: str, threads: int) -> dict[str, Any]:
+    # On cuda the CUDA EP is required, not preferred: ORT silently falling back to the CPU
+    # would be timed against torch on the GPU. The runner says "not available" without it.
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return {"providers": providers, "session_options": ort_session_options(threads)}
+
+
+def _trt_options(device: str, threads: int) -> dict[str, Any]:
+    return {}
+
+
+# Backend family (the name before the first "-") → the options its runner takes.
+RUNNER_OPTIONS: dict[str, Callable[[str, int], dict[str, Any]]] = {
+    "torch": _torch_options, "onnx": _ort_options, "trt": _trt_options,
+}
+
+
+def runner_options(backend: str, *, device: str, threads: int) -> dict[str, Any]:
+    return RUNNER_OPTIONS[backend.split("-")[0]](device, threads)
+
+
 def default_factory() -> RunnerFactory:
     from ..verify.runners import make_runner
 
@@ -55,11 +91,12 @@ class Opened:
     session: dict | None = None  # e.g. ONNX Runtime session options, as the runner reports them
 
 
-def open_backend(root: Path, backend: str, *, device: str, factory: RunnerFactory) -> Opened:
+def open_backend(root: Path, backend: str, *, device: str, threads: int, factory: RunnerFactory) -> Opened:
     release_memory()
     opened = Opened(backend, rss_before_bytes=current_rss_bytes())
+    options = runner_options(backend, device=device, threads=threads)
     try:
-        runner = factory(root, backend, device=device)
+        runner = factory(root, backend, **options)
         runner.activate()
     except ExportlineError as exc:  # NotAvailable, ArtifactError, …: the registry says why
         opened.reason = str(exc)
@@ -69,9 +106,20 @@ def open_backend(root: Path, backend: str, *, device: str, factory: RunnerFactor
         return opened
     opened.runner = runner
     opened.rss_after_activate_bytes = current_rss_bytes()
-    describe = getattr(runner, "describe", None)
-    opened.session = describe() if callable(describe) else None
+    opened.session = _describe_session(backend, options)
     return opened
+
+
+def _describe_session(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What the report records of how the backend was configured: the options passed to
+    its runner, plus torch's own thread count for torch (it ignores our options there)."""
+    described = {k: v for k, v in options.items() if k != "session_options"}
+    described.update(options.get("session_options", {}))
+    if backend == "torch":
+        import torch
+
+        described["intra_op_threads"] = torch.get_num_threads()
+    return described
 
 
 def close_backend(opened: Opened) -> None:

@@ -12,15 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from ..exporters.bundle import Bundle
 from ..exporters.errors import ArtifactError, ConfigError, ExportlineError, NotAvailable
 from ..exporters.shapes import KVLayout
 from . import roofline
 from .backends import PRECISION, REFERENCE, RunnerFactory, close_backend, default_factory, open_backend
 from .compare import Comparison, compare, load_report
-from .environment import environment
+from .environment import environment, physical_cores
 from .report import FORMAT, write_reports
 from .stats import PERCENTILE_METHOD, summarize
 from .timing import Device, time_runs
@@ -137,16 +135,15 @@ def run_bench(
 
 def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> BackendRun:
     progress(f"{name}: opening")
-    opened = open_backend(root, name, device=cfg.device, factory=factory)
+    opened = open_backend(root, name, device=cfg.device, threads=physical_cores(), factory=factory)
     run = BackendRun(name, "ok" if opened.runner else "not available", opened.reason, opened.session,
                      opened.rss_before_bytes, opened.rss_after_activate_bytes)
     if opened.runner is None:
         progress(f"{name}: not available: {opened.reason}")
         return run
-    kv_dtype = np.dtype(getattr(opened.runner, "kv_dtype", np.float32))
     try:
         for point in points:
-            prepared = prepare(point, layout, opened.runner.infer, kv_dtype, seed=cfg.seed)
+            prepared = prepare(point, layout, opened.runner, seed=cfg.seed)
             timing = time_runs(prepared.run, warmup=cfg.warmup, repeat=cfg.repeat, device=device)
             stats = summarize(timing.samples_s)
             run.rows.append({

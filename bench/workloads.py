@@ -7,7 +7,8 @@ generate — prefill `prompt` tokens, then `new_tokens` greedy single-token step
            the KV cache forward, end to end.
 
 Feeds use the ONNX names of exporters/shapes.py, built from the same KVLayout the exporter
-and verifier use (house rule 3).
+and verifier use (house rule 3). Float feeds are float32: runners cast them to the dtype
+their graph declares, so one feed drives fp32, fp16 and int8 backends alike.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Callable
 import numpy as np
 
 from ..exporters.shapes import KVLayout
+from ..verify.runners.base import Runner
 
 Infer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+KV_DTYPE = np.float32
 
 WORKLOADS = ("prefill", "decode", "generate")
 # What the `length` of a point means, per workload; it also names the key's field.
@@ -61,18 +64,18 @@ def prompt_ids(layout: KVLayout, *, batch: int, length: int, seed: int = 0) -> n
     return rng.integers(0, layout.vocab_size, size=(batch, length), dtype=np.int64)
 
 
-def empty_past(layout: KVLayout, batch: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+def empty_past(layout: KVLayout, batch: int) -> dict[str, np.ndarray]:
     shape = (batch, layout.num_kv_heads, 0, layout.head_dim)
-    return {name: np.zeros(shape, dtype=dtype) for name in layout.past_names()}
+    return {name: np.zeros(shape, dtype=KV_DTYPE) for name in layout.past_names()}
 
 
-def prefill_feed(layout: KVLayout, ids: np.ndarray, kv_dtype: np.dtype) -> dict[str, np.ndarray]:
+def prefill_feed(layout: KVLayout, ids: np.ndarray) -> dict[str, np.ndarray]:
     batch, length = ids.shape
     return {
         "input_ids": ids,
         "attention_mask": np.ones((batch, length), dtype=np.int64),
         "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy(),
-        **empty_past(layout, batch, kv_dtype),
+        **empty_past(layout, batch),
     }
 
 
@@ -104,26 +107,26 @@ class PreparedPoint:
     run: Callable[[], object]
 
 
-def prepare(point: Point, layout: KVLayout, infer: Infer, kv_dtype: np.dtype, *, seed: int = 0) -> PreparedPoint:
+def prepare(point: Point, layout: KVLayout, runner: Runner, *, seed: int = 0) -> PreparedPoint:
     """Build the feeds (and, for decode, the past) outside the timed region."""
+    infer = runner.infer
+    ids = prompt_ids(layout, batch=point.batch, length=point.length, seed=seed)
     if point.workload == "prefill":
-        feed = prefill_feed(layout, prompt_ids(layout, batch=point.batch, length=point.length, seed=seed), kv_dtype)
+        feed = prefill_feed(layout, ids)
         return PreparedPoint(point, lambda: infer(feed))
     if point.workload == "decode":
-        ids = prompt_ids(layout, batch=point.batch, length=point.length, seed=seed)
-        out = infer(prefill_feed(layout, ids, kv_dtype))
+        out = infer(prefill_feed(layout, ids))
         feed = decode_feed(layout, greedy_next(out["logits"]), presents_as_past(layout, out))
         return PreparedPoint(point, lambda: infer(feed))
     if point.workload == "generate":
-        ids = prompt_ids(layout, batch=point.batch, length=point.length, seed=seed)
-        return PreparedPoint(point, lambda: generate(layout, infer, ids, point.new_tokens, kv_dtype))
+        return PreparedPoint(point, lambda: generate(layout, infer, ids, point.new_tokens))
     raise ValueError(f"unknown workload {point.workload!r}")
 
 
-def generate(layout: KVLayout, infer: Infer, ids: np.ndarray, new_tokens: int, kv_dtype: np.dtype) -> np.ndarray:
+def generate(layout: KVLayout, infer: Infer, ids: np.ndarray, new_tokens: int) -> np.ndarray:
     """Greedy prefill + `new_tokens` decode steps with the KV cache; no early stop on EOS, so
     every backend does the same amount of work."""
-    out = infer(prefill_feed(layout, ids, kv_dtype))
+    out = infer(prefill_feed(layout, ids))
     tokens = [greedy_next(out["logits"])]
     for _ in range(new_tokens - 1):
         out = infer(decode_feed(layout, tokens[-1], presents_as_past(layout, out)))
