@@ -80,9 +80,19 @@ def engines(root: Path, manifest: dict) -> list[dict]:
     return out
 
 
+def load_average() -> list[float] | str:
+    """1/5/15-minute load: other processes on the same cores make timings noisy, so a run
+    records how busy the machine was when it started and ended."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return "not available: no load average on this OS"
+
+
 def environment(root: Path, manifest: dict, device: str) -> dict:
     return {
         "device": device,
+        "load_average_at_start": load_average(),
         "cpu": cpu_info(),
         "gpu_driver": gpu_driver() if device == "cuda" else "not applicable: CPU run",
         "torch_threads": torch_threads(),

@@ -18,7 +18,7 @@ from ..exporters.shapes import KVLayout
 from . import roofline
 from .backends import PRECISION, REFERENCE, RunnerFactory, close_backend, default_factory, open_backend
 from .compare import Comparison, compare, load_report
-from .environment import environment, physical_cores
+from .environment import environment, load_average, physical_cores
 from .report import FORMAT, write_reports
 from .stats import PERCENTILE_METHOD, summarize
 from .timing import Device, time_runs
@@ -115,6 +115,7 @@ def run_bench(
     points = grid(list(cfg.workloads), batches=list(cfg.batches), lengths=list(cfg.prompt_lens),
                   decode_len=cfg.decode_len)
     factory = factory or default_factory()
+    env = environment(root, manifest, cfg.device)
     runs = [_run_backend(root, name, points, layout, cfg, device, factory, progress) for name in cfg.backends]
     results = [row for run in runs for row in run.rows]
     _add_derived(results, cost=cost, ceilings=ceilings)
@@ -124,7 +125,7 @@ def run_bench(
         "command": command,
         "settings": {**asdict(cfg), "percentile_method": PERCENTILE_METHOD,
                      "timing": "wall clock per run, device-synchronized on GPU; numpy in/out (runner contract)"},
-        "environment": environment(root, manifest, cfg.device),
+        "environment": {**env, "load_average_at_end": load_average()},
         "model": cost.to_dict(),
         "ceilings": ceilings.to_dict() if ceilings else roofline.CPU_RUN,
         "backends": [run.summary() for run in runs],

@@ -86,6 +86,8 @@ def _environment_section(report: dict) -> list[str]:
         ("torch", f"{v.get('torch')} ({env['torch_threads']['intra_op_threads']} intra-op threads)"),
         ("onnxruntime", f"{v.get('onnxruntime')} ({v.get('onnxruntime providers')})"),
         ("tensorrt", v.get("tensorrt", "")),
+        ("load average (1/5/15 min) at start → end",
+         f"{env.get('load_average_at_start')} → {env.get('load_average_at_end')}"),
     ]
     ceilings = report["ceilings"]
     if isinstance(ceilings, dict):
@@ -102,11 +104,12 @@ def _environment_section(report: dict) -> list[str]:
 
 
 def _backends_section(report: dict) -> list[str]:
-    out = ["## Backends", "", "| backend | precision | status | session |", "|---|---|---|---|"]
+    out = ["## Backends", "", "| backend | precision | status | RSS after load MiB | session |", "|---|---|---|---:|---|"]
     for b in report["backends"]:
         status = "measured" if b["status"] == "ok" else f"{b['status']}: {b['reason']}"
         session = ", ".join(f"{k}={v}" for k, v in (b.get("session") or {}).items()) or "—"
-        out.append(f"| {b['backend']} | {b['precision']} | {_cell(status)} | {_cell(session)} |")
+        loaded = _mib(b["rss_after_activate_bytes"]) if b["status"] != "not available" else "—"
+        out.append(f"| {b['backend']} | {b['precision']} | {_cell(status)} | {loaded} | {_cell(session)} |")
     return out + [""]
 
 
@@ -126,12 +129,16 @@ def _workload_section(report: dict, workload: str) -> list[str]:
         st = r["stats"]
         out.append(
             f"| {r['batch']} | {r['length']} | {r['backend']} | {_ms(st['median_s'])} | {_ms(st['p90_s'])} | "
-            f"{_ms(st['p99_s'])} | {r['tokens_per_s']:.1f} | {_cell(r['speedup_vs_torch'])} | "
+            f"{_ms(st['p99_s'])} | {r['tokens_per_s']:.1f} | {_speedup(r['speedup_vs_torch'])} | "
             f"{_mib(r['peak_rss_bytes'])} | {_mib(r['device_peak_bytes'])} | {_roofline_cell(r['roofline'])} |"
         )
     for b in unavailable:
         out.append(f"| | | {b['backend']} | {b['status']}: {_cell(b['reason'])} | | | | | | | |")
     return out + [""]
+
+
+def _speedup(value) -> str:
+    return f"{value:.2f}×" if isinstance(value, float) else _cell(value)
 
 
 def _roofline_cell(roofline) -> str:
