@@ -43,6 +43,8 @@ def _command_line(directory: Path, cfg, baseline: Path | None, fail_over: str) -
         f"--decode-len {cfg.decode_len}", f"--warmup {cfg.warmup}", f"--repeat {cfg.repeat}",
         f"--workloads {','.join(cfg.workloads)}",
     ]
+    if cfg.threads:
+        parts.append(f"--threads {cfg.threads}")
     if baseline:
         parts.append(f"--baseline {baseline} --fail-over {fail_over}")
     return " ".join(parts)
@@ -65,6 +67,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed runs before each point.")] = 2,
     repeat: Annotated[int, typer.Option(help="Timed runs per point.")] = 10,
     workloads: Annotated[str, typer.Option(help="Comma-separated: prefill,decode,generate.")] = "prefill,decode,generate",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch and ONNX Runtime (default: physical cores).")] = None,
     baseline: BaselineOpt = None,
     fail_over: FailOverOpt = "5%",
 ) -> None:
@@ -79,7 +82,7 @@ def bench(
     cfg = BenchConfig(
         backends=tuple(parse_backends(backends)), device=device, batches=_ints("--batch", batch),
         prompt_lens=_ints("--prompt-len", prompt_len), decode_len=decode_len, warmup=warmup, repeat=repeat,
-        workloads=_names(workloads),
+        workloads=_names(workloads), threads=threads,
     )
     threshold = parse_threshold(fail_over)
     outcome = bench_bundle(

@@ -8,7 +8,8 @@ cores. Speedups and % of roofline are computed after all backends ran, from this
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,7 @@ class BenchConfig:
     warmup: int = 2
     repeat: int = 10
     workloads: tuple[str, ...] = WORKLOADS
+    threads: int | None = None  # CPU threads for torch and ONNX Runtime; None = physical cores
     seed: int = 0
 
     def check(self) -> None:
@@ -44,6 +46,8 @@ class BenchConfig:
             raise ConfigError(f"--device {self.device!r}: expected cpu or cuda")
         if not self.batches or min(self.batches) < 1 or not self.prompt_lens or min(self.prompt_lens) < 1:
             raise ConfigError("--batch and --prompt-len need positive integers, e.g. --batch 1,8 --prompt-len 128")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads}: expected ≥ 1 (default: the physical core count)")
         if self.decode_len < 1 or self.repeat < 1 or self.warmup < 0:
             raise ConfigError("--decode-len and --repeat must be ≥ 1 and --warmup ≥ 0")
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -115,8 +119,10 @@ def run_bench(
     points = grid(list(cfg.workloads), batches=list(cfg.batches), lengths=list(cfg.prompt_lens),
                   decode_len=cfg.decode_len)
     factory = factory or default_factory()
-    env = environment(root, manifest, cfg.device)
-    runs = [_run_backend(root, name, points, layout, cfg, device, factory, progress) for name in cfg.backends]
+    cfg = replace(cfg, threads=cfg.threads or physical_cores())
+    with torch_threads(cfg.threads):
+        env = environment(root, manifest, cfg.device)
+        runs = [_run_backend(root, name, points, layout, cfg, device, factory, progress) for name in cfg.backends]
     results = [row for run in runs for row in run.rows]
     _add_derived(results, cost=cost, ceilings=ceilings)
     return {
@@ -134,9 +140,23 @@ def run_bench(
     }
 
 
+@contextmanager
+def torch_threads(n: int):
+    """torch and ONNX Runtime get the same number of CPU threads, so a speedup compares
+    kernels, not core counts; torch's process-wide setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> BackendRun:
     progress(f"{name}: opening")
-    opened = open_backend(root, name, device=cfg.device, threads=physical_cores(), factory=factory)
+    opened = open_backend(root, name, device=cfg.device, threads=cfg.threads, factory=factory)
     run = BackendRun(name, "ok" if opened.runner else "not available", opened.reason, opened.session,
                      opened.rss_before_bytes, opened.rss_after_activate_bytes)
     if opened.runner is None:

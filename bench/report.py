@@ -66,6 +66,9 @@ def render_markdown(report: dict) -> str:
         f"Speedup = torch eager fp32 median ÷ backend median, same device, same run.",
         "",
     ]
+    busy = _busy_warning(env)
+    if busy:
+        lines += [busy, ""]
     if env["bundle"].get("random_init"):
         lines += ["Weights: **random-init** (speed is meaningful, generated text is not).", ""]
     lines += _environment_section(report) + _backends_section(report)
@@ -74,6 +77,18 @@ def render_markdown(report: dict) -> str:
     if report.get("baseline"):
         lines += _baseline_section(report["baseline"])
     return "\n".join(lines) + "\n"
+
+
+def _busy_warning(env: dict) -> str:
+    """Other processes on the same cores stall multi-threaded kernels (a descheduled thread
+    holds up every barrier), so a busy machine's timings are flagged, not silently kept."""
+    loads = [env.get("load_average_at_start"), env.get("load_average_at_end")]
+    peak = max((load[0] for load in loads if isinstance(load, list)), default=0.0)
+    cores = env["cpu"]["logical_cpus"]
+    if peak <= cores * 0.75:
+        return ""
+    return (f"**Warning: the machine was busy** (1-minute load up to {peak} on {cores} CPUs): other processes "
+            "competed for the cores, so timings are noisy and multi-threaded backends may be stalled.")
 
 
 def _environment_section(report: dict) -> list[str]:
