@@ -1,1 +1,1 @@
-"""deploy"""
+"""deploy: model card, Hub push/pull (checksummed), dataset push, torch.hub entry points, Triton handoff."""

@@ -42,7 +42,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _disk_hint(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return "the disk is full: free space and run again"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return "pick a writable folder with --out"
     return "check the output folder and run again"
 
@@ -77,6 +77,11 @@ class Bundle:
         manifest["files"] = self.list_files(previous=manifest.get("files", []))
         write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         return manifest
+
+    def refresh_manifest(self) -> dict[str, Any]:
+        """Re-list the files (e.g. after reports/ or README.md were written) under the lock."""
+        with self.lock():
+            return self.write_manifest(self.read_manifest())
 
     def list_files(self, previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """Every file in the bundle with its checksum; unchanged files (same size and mtime)

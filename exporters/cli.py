@@ -24,6 +24,7 @@ err = Console(stderr=True)
 # Option types declared once, reused by every command (huggingface_hub's habit).
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: out/<name>).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun stages whose inputs are unchanged.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the Python files of an HF folder (off by default).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value, e.g. model.num_hidden_layers=4.")]
 
 
@@ -37,6 +38,8 @@ def export(
     calibration_data: Annotated[Optional[Path], typer.Option(help="Text file for int8 calibration.")] = None,
     set_: SetOpt = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every stage run and write reports/.")] = True,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from .bundle import Bundle
@@ -44,7 +47,7 @@ def export(
     from .presets import parse_overrides
     from .sources import resolve_source
 
-    src = resolve_source(source, parse_overrides(set_ or []))
+    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     bundle = Bundle(out or Path("out") / src.name)
     options = {"calibration_data": str(calibration_data) if calibration_data else None}
     with err.status("exporting…") as status:
@@ -56,7 +59,8 @@ def export(
     if verify:
         from ..verify.bundle import verify_bundle
 
-        report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran if r["status"] == "done"])
+        report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran], progress=err.print)
+        bundle.refresh_manifest()
         err.print(report.summary())
         report.raise_for_failure()
     err.print(f"bundle: {bundle.root}")

@@ -17,6 +17,10 @@ class SourceError(ExportlineError):
     """A checkpoint, preset or HF folder cannot be read."""
 
 
+class UnsupportedArchitecture(SourceError):
+    """The model's architecture (config.json model_type) has no export support."""
+
+
 class ConfigError(ExportlineError):
     """A preset, threshold or option value is invalid."""
 

@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .bundle import Bundle, sha256_file
-from .errors import ConfigError, ExportlineError, NotAvailable, StageError
+from .bundle import Bundle, _disk_hint, sha256_file
+from .errors import ConfigError, ExportlineError, NotAvailable, OutputError, StageError
 from .measure import measure
 
 # Stage name → "module:attribute" of its Stage object, in pipeline order. Modules import
@@ -40,6 +40,8 @@ class Source(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def fingerprint(self) -> str: ...
+
+    def write_hf(self, dest: Path, progress: Callable[[str], None]) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -198,6 +200,10 @@ def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress)
     except MemoryError:
         bundle.clean_tmp()
         raise StageError(f"stage {stage.name} ran out of memory; try a smaller preset or a machine with more RAM") from None
+    except OSError as exc:  # e.g. ENOSPC while writing: one line, and nothing reaches the bundle
+        bundle.clean_tmp()
+        where = f" ({Path(exc.filename).name})" if exc.filename else ""
+        raise OutputError(f"stage {stage.name}: {exc.strerror or exc}{where}; {_disk_hint(exc)}") from None
     except BaseException:
         bundle.clean_tmp()
         raise

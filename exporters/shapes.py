@@ -77,7 +77,8 @@ class ProfileShapes:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
-def _resolve(dims: tuple[str | int, ...], values: dict[str, int]) -> tuple[int, ...]:
+def resolve_dims(dims: tuple[str | int, ...], values: dict[str, int]) -> tuple[int, ...]:
+    """Concrete sizes of `dims` given a size per dynamic dim, e.g. {BATCH: 2, SEQUENCE: 3, PAST: 5}."""
     out = []
     for d in dims:
         if isinstance(d, int):
@@ -115,6 +116,6 @@ def optimization_profiles(
         shapes = {}
         for spec in layout.inputs():
             pick = [{k: v[i] for k, v in dims.items()} for i in range(3)]
-            shapes[spec.name] = tuple(_resolve(spec.dims, p) for p in pick)
+            shapes[spec.name] = tuple(resolve_dims(spec.dims, p) for p in pick)
         profiles.append(ProfileShapes(name, shapes))
     return profiles

@@ -36,3 +36,38 @@ def train_bpe(vocab_size: int, dest: Path, corpus: Path | None = None, model_max
     )
     fast.save_pretrained(dest)
     return {"kind": "bpe", "vocab_size": tok.get_vocab_size(), "trained_on": corpus.name}
+
+
+def write_char_tokenizer(stoi: dict[str, int], dest: Path, model_max_length: int) -> dict:
+    """nanoGPT's character-level vocabulary (shakespeare_char meta.pkl) as a `tokenizers`
+    WordLevel model: every character is its own pre-token, decoding concatenates them.
+    Loads with AutoTokenizer and no custom code; ids are exactly nanoGPT's stoi."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=dict(stoi), unk_token=None))
+    # [\s\S] rather than "." so that newlines are characters too, as in nanoGPT.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(dest)
+    return {"kind": "char", "vocab_size": len(stoi)}
+
+
+def write_tokenizer_file(path: Path, dest: Path, model_max_length: int) -> dict:
+    """A user's tokenizer.json (`--tokenizer FILE`), wrapped so AutoTokenizer loads it."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from .errors import SourceError
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable JSON
+        raise SourceError(f"--tokenizer {path}: not a tokenizers tokenizer.json ({str(exc).splitlines()[0]}); "
+                          "pass the tokenizer.json of a Hugging Face fast tokenizer") from None
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length)
+    fast.save_pretrained(dest)
+    return {"kind": "file", "file": path.name, "vocab_size": tok.get_vocab_size()}
