@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..exporters.errors import ConfigError, ExportlineError
+from ..exporters.errors import ConfigError, ExportlineError, NotAvailable
 from ..exporters.measure import current_rss_bytes
 
 # Backend → precision of its weights (the roofline's bytes per weight), in report order.
@@ -74,8 +74,11 @@ def runner_options(backend: str, *, device: str, threads: int) -> dict[str, Any]
 
 
 def default_factory() -> RunnerFactory:
-    from ..verify.runners import make_runner
-
+    try:
+        from ..verify.runners import make_runner
+    except ImportError:
+        raise NotAvailable("the runner registry (exportline.verify.runners.make_runner) is not in this "
+                           "build; install a complete exportline") from None
     return make_runner
 
 

@@ -45,6 +45,8 @@ def _command_line(directory: Path, cfg, baseline: Path | None, fail_over: str) -
     ]
     if cfg.threads:
         parts.append(f"--threads {cfg.threads}")
+    if cfg.rounds > 1:
+        parts.append(f"--rounds {cfg.rounds}")
     if baseline:
         parts.append(f"--baseline {baseline} --fail-over {fail_over}")
     return " ".join(parts)
@@ -68,6 +70,8 @@ def bench(
     repeat: Annotated[int, typer.Option(help="Timed runs per point.")] = 10,
     workloads: Annotated[str, typer.Option(help="Comma-separated: prefill,decode,generate.")] = "prefill,decode,generate",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch and ONNX Runtime (default: physical cores).")] = None,
+    rounds: Annotated[int, typer.Option(help="Passes over the backends in alternating order (ABBA), samples pooled: "
+                                               "cancels drift in machine load between backends.")] = 1,
     baseline: BaselineOpt = None,
     fail_over: FailOverOpt = "5%",
 ) -> None:
@@ -82,7 +86,7 @@ def bench(
     cfg = BenchConfig(
         backends=tuple(parse_backends(backends)), device=device, batches=_ints("--batch", batch),
         prompt_lens=_ints("--prompt-len", prompt_len), decode_len=decode_len, warmup=warmup, repeat=repeat,
-        workloads=_names(workloads), threads=threads,
+        workloads=_names(workloads), threads=threads, rounds=rounds,
     )
     threshold = parse_threshold(fail_over)
     outcome = bench_bundle(

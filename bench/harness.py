@@ -39,6 +39,7 @@ class BenchConfig:
     repeat: int = 10
     workloads: tuple[str, ...] = WORKLOADS
     threads: int | None = None  # CPU threads for torch and ONNX Runtime; None = physical cores
+    rounds: int = 1  # passes over the backends, alternating order (ABBA), samples pooled
     seed: int = 0
 
     def check(self) -> None:
@@ -48,8 +49,8 @@ class BenchConfig:
             raise ConfigError("--batch and --prompt-len need positive integers, e.g. --batch 1,8 --prompt-len 128")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads}: expected ≥ 1 (default: the physical core count)")
-        if self.decode_len < 1 or self.repeat < 1 or self.warmup < 0:
-            raise ConfigError("--decode-len and --repeat must be ≥ 1 and --warmup ≥ 0")
+        if self.decode_len < 1 or self.repeat < 1 or self.warmup < 0 or self.rounds < 1:
+            raise ConfigError("--decode-len, --repeat and --rounds must be ≥ 1 and --warmup ≥ 0")
         unknown = [w for w in self.workloads if w not in WORKLOADS]
         if unknown or not self.workloads:
             raise ConfigError(f"--workloads: unknown {', '.join(unknown) or '(none)'}; known: {','.join(WORKLOADS)}")
@@ -122,7 +123,12 @@ def run_bench(
     cfg = replace(cfg, threads=cfg.threads or physical_cores())
     with torch_threads(cfg.threads):
         env = environment(root, manifest, cfg.device)
-        runs = [_run_backend(root, name, points, layout, cfg, device, factory, progress) for name in cfg.backends]
+        passes = []
+        for r in range(cfg.rounds):
+            order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
+            done = {name: _run_backend(root, name, points, layout, cfg, device, factory, progress) for name in order}
+            passes.append(done)
+    runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
     results = [row for run in runs for row in run.rows]
     _add_derived(results, cost=cost, ceilings=ceilings)
     return {
@@ -171,7 +177,7 @@ def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> 
                 "backend": name, "precision": PRECISION[name], "key": point.key, "workload": point.workload,
                 "batch": point.batch, "length": point.length, "new_tokens": point.new_tokens, "status": "ok",
                 "stats": stats.to_dict(), "samples_s": timing.samples_s,
-                "tokens_per_s": point.tokens / stats.median_s,
+                "tokens": point.tokens, "tokens_per_s": point.tokens / stats.median_s,
                 "peak_rss_bytes": timing.peak_rss_bytes, "device_peak_bytes": timing.device_peak_bytes,
             })
             progress(f"{name} {point.key}: median {stats.median_s * 1e3:.2f} ms, p90 {stats.p90_s * 1e3:.2f} ms")
@@ -184,6 +190,28 @@ def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> 
     if run.status == "failed":
         progress(f"{name}: failed: {run.reason}")
     return run
+
+
+def _pool(runs: list[BackendRun]) -> BackendRun:
+    """One backend's rounds as one run: samples concatenated, statistics recomputed, peaks
+    maximized. A round that was not "ok" decides the status (and keeps its reason)."""
+    first = runs[0]
+    bad = next((r for r in runs if r.status != "ok"), None)
+    pooled = BackendRun(first.backend, bad.status if bad else "ok", bad.reason if bad else "", first.session,
+                        first.rss_before_bytes, max(r.rss_after_activate_bytes for r in runs))
+    if bad:
+        return pooled
+    for row in first.rows:
+        same = [next(x for x in r.rows if x["key"] == row["key"]) for r in runs]
+        samples = [t for x in same for t in x["samples_s"]]
+        stats = summarize(samples)
+        devices = [x["device_peak_bytes"] for x in same if x["device_peak_bytes"] is not None]
+        pooled.rows.append({
+            **row, "stats": stats.to_dict(), "samples_s": samples, "tokens_per_s": row["tokens"] / stats.median_s,
+            "peak_rss_bytes": max(x["peak_rss_bytes"] for x in same),
+            "device_peak_bytes": max(devices) if devices else None,
+        })
+    return pooled
 
 
 def _add_derived(results: list[dict], *, cost, ceilings) -> None:

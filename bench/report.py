@@ -61,7 +61,9 @@ def render_markdown(report: dict) -> str:
         f"# Benchmark: {env['bundle']['name']}",
         "",
         f"Command: `{report.get('command', '')}`  ",
-        f"Device: **{s['device']}**; warm-up {s['warmup']}, {s['repeat']} timed runs per point; "
+        f"Device: **{s['device']}**, {s['threads']} CPU threads for torch and ONNX Runtime; warm-up {s['warmup']}, "
+        f"{s['repeat']} timed runs per point" + (f" in each of {s['rounds']} rounds (alternating backend order, "
+                                                  "samples pooled)" if s.get("rounds", 1) > 1 else "") + "; "
         f"percentiles: {s['percentile_method']}.  ",
         f"Speedup = torch eager fp32 median ÷ backend median, same device, same run.",
         "",
