@@ -126,7 +126,8 @@ def run_bench(
         passes = []
         for r in range(cfg.rounds):
             order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
-            done = {name: _run_backend(root, name, points, layout, cfg, device, factory, progress) for name in order}
+            say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
+            done = {name: _run_backend(root, name, points, layout, cfg, device, factory, say) for name in order}
             passes.append(done)
     runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
     results = [row for run in runs for row in run.rows]

@@ -109,6 +109,23 @@ def test_cpu_info_counts_physical_cores_not_hyperthreads():
     assert info["model"] == "Test CPU" and info["physical_cores"] == 2
 
 
+def test_rounds_pool_samples_and_keep_the_worst_status():
+    from exportline.bench.harness import BackendRun, _pool
+
+    def run(samples, peak, status="ok"):
+        row = {"key": "decode/batch=1/past=8", "tokens": 2, "stats": summarize(samples).to_dict(),
+               "samples_s": samples, "tokens_per_s": 2 / summarize(samples).median_s,
+               "peak_rss_bytes": peak, "device_peak_bytes": None}
+        return BackendRun("onnx", status, "gone" if status != "ok" else "", rows=[row] if status == "ok" else [])
+
+    pooled = _pool([run([1.0, 2.0], 10), run([3.0, 4.0], 30)])
+    row = pooled.rows[0]
+    assert row["samples_s"] == [1.0, 2.0, 3.0, 4.0] and row["stats"]["median_s"] == 2.5
+    assert row["tokens_per_s"] == pytest.approx(2 / 2.5) and row["peak_rss_bytes"] == 30
+    failed = _pool([run([1.0], 10), run([], 0, status="failed")])
+    assert failed.status == "failed" and failed.reason == "gone" and not failed.rows
+
+
 # -- baseline comparison -------------------------------------------------------------------------
 def _report(medians: dict[tuple[str, str], float]) -> dict:
     return {"results": [
