@@ -113,10 +113,12 @@ def test_rounds_pool_samples_and_keep_the_worst_status():
     from exportline.bench.harness import BackendRun, _pool
 
     def run(samples, peak, status="ok"):
+        if status != "ok":
+            return BackendRun("onnx", status, "gone")
         row = {"key": "decode/batch=1/past=8", "tokens": 2, "stats": summarize(samples).to_dict(),
                "samples_s": samples, "tokens_per_s": 2 / summarize(samples).median_s,
                "peak_rss_bytes": peak, "device_peak_bytes": None}
-        return BackendRun("onnx", status, "gone" if status != "ok" else "", rows=[row] if status == "ok" else [])
+        return BackendRun("onnx", status, rows=[row])
 
     pooled = _pool([run([1.0, 2.0], 10), run([3.0, 4.0], 30)])
     row = pooled.rows[0]
