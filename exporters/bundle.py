@@ -69,12 +69,19 @@ class Bundle:
             raise ArtifactError(f"{self.manifest_path} is not an exportline manifest; export into an empty folder")
         return data
 
-    def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Refresh the file list (path, bytes, sha256) and write manifest.json atomically."""
+    def write_manifest(self, manifest: dict[str, Any], *, only_under: str | None = None) -> dict[str, Any]:
+        """Refresh the file list (path, bytes, sha256) and write manifest.json atomically.
+
+        With `only_under="reports/"` only that folder's entries are refreshed; the others stay
+        as the stages recorded them, so a changed artifact still shows as changed."""
         manifest = dict(manifest)
         manifest["format"] = MANIFEST_FORMAT
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        manifest["files"] = self.list_files(previous=manifest.get("files", []))
+        files = self.list_files(previous=manifest.get("files", []))
+        if only_under is not None:
+            kept = [f for f in manifest.get("files", []) if not f["path"].startswith(only_under)]
+            files = sorted(kept + [f for f in files if f["path"].startswith(only_under)], key=lambda f: f["path"])
+        manifest["files"] = files
         write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         return manifest
 

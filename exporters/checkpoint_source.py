@@ -44,12 +44,15 @@ class CheckpointSource:
     # -- identity ------------------------------------------------------------------------------
     @cached_property
     def content_sha256(self) -> str:
-        """sha256 of the checkpoint bytes (a folder: of every file's relative path and hash)."""
+        """sha256 of the checkpoint bytes; a folder: of its top-level files (what
+        transformers reads), leaving out an exportline bundle's own bookkeeping."""
         if self.path.is_file():
             return sha256_file(self.path)
         h = hashlib.sha256()
-        for p in sorted(q for q in self.path.rglob("*") if q.is_file()):
-            h.update(p.relative_to(self.path).as_posix().encode() + b"\0" + sha256_file(p).encode())
+        for p in sorted(q for q in self.path.iterdir() if q.is_file()):
+            if p.name.startswith(".") or p.name == "manifest.json":
+                continue
+            h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
         return h.hexdigest()
 
     def fingerprint(self) -> str:

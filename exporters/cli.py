@@ -38,6 +38,9 @@ def export(
     calibration_data: Annotated[Optional[Path], typer.Option(help="Text file for int8 calibration.")] = None,
     set_: SetOpt = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every stage run and write reports/.")] = True,
+    trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
+    trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
+    trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
@@ -49,7 +52,10 @@ def export(
 
     src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     bundle = Bundle(out or Path("out") / src.name)
-    options = {"calibration_data": str(calibration_data) if calibration_data else None}
+    options = {
+        "calibration_data": str(calibration_data) if calibration_data else None,
+        "trt_max_batch": trt_max_batch, "trt_max_sequence": trt_max_sequence, "trt_workspace_gib": trt_workspace_gib,
+    }
     with err.status("exporting…") as status:
         result = run_pipeline(
             bundle, src, stages=parse_stages(stages), options=options, force=force,

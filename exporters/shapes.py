@@ -108,7 +108,8 @@ def optimization_profiles(
         "decode": {
             BATCH: (1, opt_batch, max_batch),
             SEQUENCE: (1, 1, 1),
-            PAST: (0, opt_sequence, max_sequence - 1),
+            # opt within 0..max-1, also when max_sequence is 1 (decode past is then 0 only)
+            PAST: (0, min(opt_sequence, max_sequence - 1), max_sequence - 1),
         },
     }
     profiles = []

@@ -2,51 +2,67 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from exportline.deploy import engines
+from exportline.exporters.errors import NotAvailable
+from exportline.exporters.trt_meta import META_FORMAT, Target, metadata_path, write_metadata
+
+H100 = Target(tensorrt="10.13.0", compute_capability="9.0", gpu="NVIDIA H100", cuda="12.8")
 
 
-def _plan(tmp_path, name="fp16.sm90.trt10.13.0.plan", sidecar=None):
+def _plan(tmp_path, name="fp16.sm90.trt10.13.0.plan", meta=True):
     (tmp_path / "trt").mkdir(exist_ok=True)
-    (tmp_path / "trt" / name).write_bytes(b"plan")
-    if sidecar is not None:
-        (tmp_path / "trt" / name).with_suffix(".json").write_text(json.dumps(sidecar))
+    plan = tmp_path / "trt" / name
+    plan.write_bytes(b"plan")
+    if meta:
+        write_metadata(metadata_path(plan), {"format": META_FORMAT, "engine": name, "tensorrt": "10.13.0",
+                                             "compute_capability": "9.0"})
     return f"trt/{name}"
 
 
-def test_build_env_from_sidecar_overrides_name(tmp_path):
-    rel = _plan(tmp_path, sidecar={"build": {"tensorrt_version": "10.14.1", "compute_capability": [8, 9]}})
-    env = engines.build_env(tmp_path / rel)
-    assert env["tensorrt"] == "10.14.1" and env["sm"] == "89"
-    assert engines.build_env(tmp_path / _plan(tmp_path, "int8.sm80.trt10.2.0.plan"))["sm"] == "80"
+def _local(target):
+    def local_target():
+        if isinstance(target, Exception):
+            raise target
+        return target
+    return local_target
 
 
 def test_missing_tensorrt_makes_engines_unusable_with_rebuild_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(engines, "local_env", lambda: (None, None, "TensorRT not installed"))
+    monkeypatch.setattr(engines, "local_target", _local(NotAvailable("TensorRT not installed")))
     _plan(tmp_path)
     [check] = engines.check_engines(tmp_path, bundle_arg="out/tiny")
     assert not check.usable and check.reason == "TensorRT not installed"
-    assert check.rebuild == "exportline export out/tiny --stages trt"
+    assert check.rebuild == "exportline export out/tiny --stages trt --force"
 
 
 @pytest.mark.parametrize("local, usable, reason", [
-    (("10.13.0", "90", ""), True, "TensorRT 10.13.0 on sm90"),
-    (("10.14.1", "90", ""), False, "built with TensorRT 10.13.0, this machine has 10.14.1"),
-    (("10.13.0", "89", ""), False, "built for sm90, this GPU is sm89"),
+    (H100, True, "TensorRT 10.13.0 on compute capability 9.0"),
+    (Target("10.14.1", "9.0", "H100", "12.8"), False, "TensorRT 10.13.0 (this machine has 10.14.1)"),
+    (Target("10.13.0", "8.9", "L4", "12.8"), False, "compute capability 9.0 (this GPU is 8.9)"),
 ])
 def test_version_and_gpu_must_match(tmp_path, monkeypatch, local, usable, reason):
-    monkeypatch.setattr(engines, "local_env", lambda: local)
+    monkeypatch.setattr(engines, "local_target", _local(local))
     check = engines.check_engine(tmp_path, _plan(tmp_path))
-    assert (check.usable, check.reason) == (usable, reason)
+    assert check.usable == usable and reason in check.reason
 
 
-def test_this_machine_reports_missing_tensorrt():
+def test_engine_without_its_json_is_unusable(tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "local_target", _local(H100))
+    check = engines.check_engine(tmp_path, _plan(tmp_path, meta=False))
+    assert not check.usable and "is missing" in check.reason
+
+
+def test_this_machine_reports_missing_tensorrt_or_gpu(tmp_path):
+    _plan(tmp_path)
+    [check] = engines.check_engines(tmp_path)
     try:
         import tensorrt  # noqa: F401
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are here; the cases above cover a present TensorRT")
     except ImportError:
-        assert engines.local_env() == (None, None, "TensorRT not installed")
-        return
-    pytest.skip("TensorRT is installed here; the cases above cover a present TensorRT")
+        pass
+    assert not check.usable and check.reason in ("TensorRT not installed", "no CUDA GPU")

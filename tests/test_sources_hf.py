@@ -93,3 +93,11 @@ def test_greedy_row_allows_only_a_flip_at_a_near_tie():
     flip_clear = _greedy_row([1, 2] + want[2:], (want, [clear] * GREEDY_STEPS), "c", thresholds)
     assert same.passed and flip_at_tie.passed and not flip_clear.passed
     assert flip_clear.metrics["identical_fraction"] == 1 / GREEDY_STEPS
+
+
+def test_hf_folder_rerun_is_cached_even_when_the_folder_is_a_bundle(tmp_path):
+    _export("tiny", tmp_path / "src", "--no-verify")
+    _export(tmp_path / "src", tmp_path / "out", "--no-verify")
+    _export("tiny", tmp_path / "src", "--no-verify", "--force")  # rewrites manifest.json and the lock
+    code, err = cli("export", tmp_path / "src", "--stages", "hf", "--out", tmp_path / "out", "--no-verify")
+    assert code == 0 and "unchanged, skipped" in err

@@ -161,6 +161,8 @@ def _source_tensors(root: Path, source: dict):
     if not Path(source["path"]).is_dir():
         raise NotAvailable(f"source folder {source['path']} is not on this machine; verify where the export ran")
     src = HFFolderSource(Path(source["path"]), trust_remote_code=bool(source.get("trust_remote_code")))
+    if source.get("sha256") and src.content_sha256 != source["sha256"]:
+        raise NotAvailable(f"source folder {source['path']} changed since the export; re-export it to verify")
     model = src.load_model()
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, t in model.state_dict().items():

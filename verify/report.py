@@ -47,12 +47,15 @@ def judge(stage: str, case: str, output: str, shape, metrics: dict, bounds: dict
     return CheckRow(stage, case, output, [int(s) for s in shape], metrics, bounds, passed, note)
 
 
-def tensor_row(stage: str, case: str, output: str, out, ref, bounds: dict, *, mask=None, top1: bool = False) -> CheckRow:
-    """Compare one output tensor with its reference and judge it against `bounds`."""
+def tensor_row(
+    stage: str, case: str, output: str, out, ref, bounds: dict, *, mask=None, top1: bool = False, shape=None
+) -> CheckRow:
+    """Compare one output tensor with its reference and judge it against `bounds`.
+    `shape` is what the report shows when the arrays were transposed for the mask."""
     metrics = compare(out, ref, mask=mask, top1=top1).as_dict()
     if not top1:
         metrics.pop("top1")
-    return judge(stage, case, output, np.shape(ref), metrics, bounds)
+    return judge(stage, case, output, np.shape(ref) if shape is None else shape, metrics, bounds)
 
 
 @dataclass
