@@ -21,7 +21,7 @@ from .backends import PRECISION, REFERENCE, RunnerFactory, close_backend, defaul
 from .compare import Comparison, compare, load_report
 from .environment import environment, load_average, physical_cores
 from .report import FORMAT, write_reports
-from .stats import PERCENTILE_METHOD, summarize
+from .stats import PERCENTILE_METHOD, percentile, summarize
 from .timing import Device, time_runs
 from .workloads import WORKLOADS, Point, grid, prepare
 
@@ -174,13 +174,16 @@ def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> 
             prepared = prepare(point, layout, opened.runner, seed=cfg.seed)
             timing = time_runs(prepared.run, warmup=cfg.warmup, repeat=cfg.repeat, device=device)
             stats = summarize(timing.samples_s)
-            run.rows.append({
+            row = {
                 "backend": name, "precision": PRECISION[name], "key": point.key, "workload": point.workload,
                 "batch": point.batch, "length": point.length, "new_tokens": point.new_tokens, "status": "ok",
                 "stats": stats.to_dict(), "samples_s": timing.samples_s,
                 "tokens": point.tokens, "tokens_per_s": point.tokens / stats.median_s,
                 "peak_rss_bytes": timing.peak_rss_bytes, "device_peak_bytes": timing.device_peak_bytes,
-            })
+            }
+            if prepared.splits:  # generate: the timed calls are the last `repeat` ones
+                row["splits"] = prepared.splits[-cfg.repeat:]
+            run.rows.append(row)
             progress(f"{name} {point.key}: median {stats.median_s * 1e3:.2f} ms, p90 {stats.p90_s * 1e3:.2f} ms")
     except ExportlineError as exc:
         run.status, run.reason = "failed", str(exc)
@@ -207,6 +210,8 @@ def _pool(runs: list[BackendRun]) -> BackendRun:
         samples = [t for x in same for t in x["samples_s"]]
         stats = summarize(samples)
         devices = [x["device_peak_bytes"] for x in same if x["device_peak_bytes"] is not None]
+        if "splits" in row:
+            row = {**row, "splits": [t for x in same for t in x["splits"]]}
         pooled.rows.append({
             **row, "stats": stats.to_dict(), "samples_s": samples, "tokens_per_s": row["tokens"] / stats.median_s,
             "peak_rss_bytes": max(x["peak_rss_bytes"] for x in same),
@@ -219,6 +224,11 @@ def _add_derived(results: list[dict], *, cost, ceilings) -> None:
     """Speedup over torch on the same point of this run, and % of roofline on GPU."""
     reference = {r["key"]: r["stats"]["median_s"] for r in results if r["backend"] == REFERENCE}
     for r in results:
+        if r.get("splits"):  # generate: time to first token and steady decode rate, medians
+            r["ttft_median_s"] = percentile([x["prefill_s"] for x in r["splits"]], 50)
+            steps = r["new_tokens"] - 1
+            decode = percentile([x["decode_s"] for x in r["splits"]], 50)
+            r["decode_tokens_per_s"] = r["batch"] * steps / decode if steps and decode > 0 else None
         ref = reference.get(r["key"])
         r["speedup_vs_torch"] = (ref / r["stats"]["median_s"]) if ref else (
             f"not measured: {REFERENCE} not measured in this run")

@@ -151,6 +151,12 @@ def _workload_section(report: dict, workload: str) -> list[str]:
         )
     for b in unavailable:
         out.append(f"| | | {b['backend']} | {b['status']}: {_cell(b['reason'])} | | | | | | | |")
+    split = [r for r in rows if r.get("ttft_median_s") is not None]
+    if split:
+        out += ["", "Split of the same runs: time to first token (the prefill) and the decode rate after it.", "",
+                "| batch | prompt | backend | TTFT median ms | decode tokens/s (median) |", "|---:|---:|---|---:|---:|"]
+        out += [f"| {r['batch']} | {r['length']} | {r['backend']} | {_ms(r['ttft_median_s'])} | "
+                f"{_cell(r['decode_tokens_per_s'])} |" for r in split]
     return out + [""]
 
 

@@ -4,7 +4,7 @@ prefill  — `batch × prompt` tokens with an empty past (past_sequence = 0);
 decode   — one token per sequence on a past of `length` tokens, the past produced once by a
            prefill and reused by every timed step, so each step sees the same shape;
 generate — prefill `prompt` tokens, then `new_tokens` greedy single-token steps that carry
-           the KV cache forward, end to end.
+           the KV cache forward, end to end (verify/generate.py's loop).
 
 Feeds use the ONNX names of exporters/shapes.py, built from the same KVLayout the exporter
 and verifier use (house rule 3). Float feeds are float32: runners cast them to the dtype
@@ -13,16 +13,14 @@ their graph declares, so one feed drives fp32, fp16 and int8 backends alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..exporters.shapes import KVLayout
+from ..verify.generate import empty_past
 from ..verify.runners.base import Runner
-
-Infer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-KV_DTYPE = np.float32
 
 WORKLOADS = ("prefill", "decode", "generate")
 # What the `length` of a point means, per workload; it also names the key's field.
@@ -64,11 +62,6 @@ def prompt_ids(layout: KVLayout, *, batch: int, length: int, seed: int = 0) -> n
     return rng.integers(0, layout.vocab_size, size=(batch, length), dtype=np.int64)
 
 
-def empty_past(layout: KVLayout, batch: int) -> dict[str, np.ndarray]:
-    shape = (batch, layout.num_kv_heads, 0, layout.head_dim)
-    return {name: np.zeros(shape, dtype=KV_DTYPE) for name in layout.past_names()}
-
-
 def prefill_feed(layout: KVLayout, ids: np.ndarray) -> dict[str, np.ndarray]:
     batch, length = ids.shape
     return {
@@ -101,10 +94,12 @@ def greedy_next(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PreparedPoint:
-    """A point made ready to time: `run()` is the one timed call, the rest is set-up."""
+    """A point made ready to time: `run()` is the one timed call, the rest is set-up.
+    Generate points also keep each call's prefill (time to first token) and decode split."""
 
     point: Point
     run: Callable[[], object]
+    splits: list[dict[str, float]] = field(default_factory=list)
 
 
 def prepare(point: Point, layout: KVLayout, runner: Runner, *, seed: int = 0) -> PreparedPoint:
@@ -119,16 +114,21 @@ def prepare(point: Point, layout: KVLayout, runner: Runner, *, seed: int = 0) ->
         feed = decode_feed(layout, greedy_next(out["logits"]), presents_as_past(layout, out))
         return PreparedPoint(point, lambda: infer(feed))
     if point.workload == "generate":
-        return PreparedPoint(point, lambda: generate(layout, infer, ids, point.new_tokens))
+        return _prepare_generate(point, layout, runner, ids)
     raise ValueError(f"unknown workload {point.workload!r}")
 
 
-def generate(layout: KVLayout, infer: Infer, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-    """Greedy prefill + `new_tokens` decode steps with the KV cache; no early stop on EOS, so
-    every backend does the same amount of work."""
-    out = infer(prefill_feed(layout, ids))
-    tokens = [greedy_next(out["logits"])]
-    for _ in range(new_tokens - 1):
-        out = infer(decode_feed(layout, tokens[-1], presents_as_past(layout, out)))
-        tokens.append(greedy_next(out["logits"]))
-    return np.stack(tokens, axis=1)
+def _prepare_generate(point: Point, layout: KVLayout, runner: Runner, ids: np.ndarray) -> PreparedPoint:
+    """verify/generate.py's loop, the one `exportline generate` runs; no EOS, so every
+    backend produces exactly `new_tokens` tokens per sequence."""
+    from ..verify.generate import generate
+
+    prompts = ids.tolist()
+    prepared = PreparedPoint(point, lambda: None)
+
+    def run() -> None:
+        g = generate(runner, prompts, layout=layout, max_new_tokens=point.new_tokens, eos_token_id=None)
+        prepared.splits.append({"prefill_s": g.prefill_s, "decode_s": g.decode_s})
+
+    prepared.run = run
+    return prepared
