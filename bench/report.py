@@ -139,7 +139,7 @@ def _workload_section(report: dict, workload: str) -> list[str]:
     out = [
         f"## {workload}", "", WORKLOAD_NOTES[workload].format(**report["settings"]), "",
         f"| batch | {length} | backend | median ms | p90 ms | p99 ms | tokens/s | speedup | "
-        "peak RSS MiB | device peak MiB | % roofline |",
+        "peak RSS MiB | device peak MiB (torch allocator) | % roofline |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
