@@ -3,6 +3,7 @@ ExportlineError with a one-line message, which becomes `error: ...` and a non-ze
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,12 +63,16 @@ def export(
             require=tuple(parse_stages(require)) if require else (),
             progress=lambda msg: (status.update(msg), err.print(msg)),
         )
+    report = None
     if verify:
         from ..verify.bundle import verify_bundle
 
         report = verify_bundle(bundle.root, stages=[r["name"] for r in result.ran], progress=err.print)
-        bundle.refresh_manifest()
         err.print(report.summary())
+    from ..deploy.prepare import prepare_bundle
+
+    prepare_bundle(bundle.root)  # model card (README.md) + hubconf.py from manifest and reports
+    if report:
         report.raise_for_failure()
     err.print(f"bundle: {bundle.root}")
 
@@ -109,6 +114,8 @@ _register_subcommands()
 
 
 def main() -> None:
+    # transformers/huggingface_hub draw tqdm bars on stderr; the CLI reports progress itself.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except ExportlineError as exc:
