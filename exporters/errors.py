@@ -51,3 +51,9 @@ class VerificationFailed(ExportlineError):
 
 class HubError(ExportlineError):
     """Talking to the Hugging Face Hub failed."""
+
+
+class BenchmarkFailed(ExportlineError):
+    """A benchmark regressed beyond its --fail-over threshold, or a backend crashed mid-run."""
+
+    exit_code = 4

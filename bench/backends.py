@@ -1,0 +1,144 @@
+"""Which backends a run benchmarks, and opening each through the runner registry.
+
+A backend that cannot be opened (library not installed, artifact missing, no GPU) becomes a
+"not available" entry with the registry's one-line reason; it is never dropped.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..exporters.errors import ConfigError, ExportlineError, NotAvailable
+from ..exporters.measure import current_rss_bytes
+
+# Backend → precision of its weights (the roofline's bytes per weight), in report order.
+PRECISION: dict[str, str] = {
+    "torch": "fp32",
+    "onnx": "fp32",
+    "onnx-fp16": "fp16",
+    "onnx-int8": "int8",
+    "trt-fp16": "fp16",
+    "trt-int8": "int8",
+}
+REFERENCE = "torch"  # speedups are over torch eager fp32 on the same device, same run
+
+RunnerFactory = Callable[..., Any]
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in PRECISION]
+    if unknown or not names:
+        raise ConfigError(f"--backends {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"known backends: {','.join(PRECISION)}")
+    return list(dict.fromkeys(names))  # user order, duplicates dropped
+
+
+def ort_session_options(threads: int) -> dict[str, Any]:
+    """Intra-op threads = physical cores (hyper-threads only contend for the same FMA units),
+    one inter-op thread (a decoder graph is a chain, nothing to run in parallel), every
+    graph optimization (fusions for attention, GELU/RMSNorm, Q/DQ → integer kernels)."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+    }
+
+
+def _torch_options(device: str, threads: int) -> dict[str, Any]:
+    return {"device": device}
+
+
+def _ort_options(device: str, threads: int) -> dict[str, Any]:
+    # On cuda the CUDA EP is required, not preferred: ORT silently falling back to the CPU
+    # would be timed against torch on the GPU. The runner says "not available" without it.
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return {"providers": providers, "session_options": ort_session_options(threads)}
+
+
+def _trt_options(device: str, threads: int) -> dict[str, Any]:
+    return {}
+
+
+# Backend family (the name before the first "-") → the options its runner takes.
+RUNNER_OPTIONS: dict[str, Callable[[str, int], dict[str, Any]]] = {
+    "torch": _torch_options, "onnx": _ort_options, "trt": _trt_options,
+}
+
+
+def runner_options(backend: str, *, device: str, threads: int) -> dict[str, Any]:
+    return RUNNER_OPTIONS[backend.split("-")[0]](device, threads)
+
+
+def default_factory() -> RunnerFactory:
+    try:
+        from ..verify.runners import make_runner
+    except ImportError:
+        raise NotAvailable("the runner registry (exportline.verify.runners.make_runner) is not in this "
+                           "build; install a complete exportline") from None
+    return make_runner
+
+
+@dataclass
+class Opened:
+    """A backend's runner, activated, or the reason it is not available."""
+
+    backend: str
+    runner: Any = None
+    reason: str = ""
+    rss_before_bytes: int = 0
+    rss_after_activate_bytes: int = 0
+    session: dict | None = None  # e.g. ONNX Runtime session options, as the runner reports them
+
+
+def open_backend(root: Path, backend: str, *, device: str, threads: int, factory: RunnerFactory) -> Opened:
+    release_memory()
+    opened = Opened(backend, rss_before_bytes=current_rss_bytes())
+    options = runner_options(backend, device=device, threads=threads)
+    try:
+        runner = factory(root, backend, **options)
+        runner.activate()
+    except ExportlineError as exc:  # NotAvailable, ArtifactError, …: the registry says why
+        opened.reason = str(exc)
+        return opened
+    except ImportError as exc:
+        opened.reason = f"{backend}: {exc.name or exc} not installed"
+        return opened
+    opened.runner = runner
+    opened.rss_after_activate_bytes = current_rss_bytes()
+    opened.session = _describe_session(backend, options)
+    return opened
+
+
+def _describe_session(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What the report records of how the backend was configured: the options passed to
+    its runner, plus torch's own thread count for torch (it ignores our options there)."""
+    described = {k: v for k, v in options.items() if k != "session_options"}
+    described.update(options.get("session_options", {}))
+    if backend == "torch":
+        import torch
+
+        described["intra_op_threads"] = torch.get_num_threads()
+    return described
+
+
+def close_backend(opened: Opened) -> None:
+    if opened.runner is not None:
+        opened.runner.deactivate()
+        opened.runner = None
+    release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS between backends, so that the next backend's peak
+    RSS is not inflated by pages the previous one freed but glibc kept."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure is an upper bound then
+        pass
