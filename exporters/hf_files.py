@@ -95,15 +95,10 @@ def read_hf_config(folder: Path) -> dict:
 
 def weight_files(folder: Path) -> list[Path]:
     """model.safetensors, or the shards its index lists."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ArtifactError(f"{folder} has no model.safetensors; export the hf stage first: exportline export SOURCE --stages hf")
+    from .checkpoint_weights import INDEX
+    from .checkpoint_weights import weight_files as listed
+
+    return [Path(folder) / name for name in listed(folder) if name != INDEX]
 
 
 def read_hf_weights(folder: Path) -> dict:
