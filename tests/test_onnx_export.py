@@ -188,6 +188,32 @@ def test_left_padded_prefill_then_decode_from_its_own_cache(exported):
         outs = _check_case(session, ref, ids=next_ids, mask=mask, past=past)
 
 
+def test_greedy_generation_with_kv_cache_is_token_identical_to_hf(exported):
+    """32 greedy tokens through the ONNX graph's KV cache (prefill once, then one token a step)
+    equal transformers' own generate() on the fp32 HF model, for a batch of two left-padded prompts."""
+    import torch
+
+    from exportline.verify.generate import Sampling, generate
+    from exportline.verify.runners.onnx_runner import OnnxRuntimeRunner
+
+    root, _, ref, _ = exported
+    layout = KVLayout.from_config(ref.config)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, ref.config.vocab_size, n).tolist() for n in (9, 5)]
+    with OnnxRuntimeRunner(root / "onnx" / MODEL_FILE) as runner:
+        got = generate(runner, prompts, layout=layout, max_new_tokens=32, sampling=Sampling(greedy=True)).tokens
+
+    hf = ref.float()
+    try:
+        for prompt, tokens in zip(prompts, got):
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0, min_new_tokens=32)
+            assert tokens == out[0, len(prompt):].tolist()
+    finally:
+        ref.double()
+
+
 # -- the artifact --------------------------------------------------------------------------------
 def test_graph_declares_shapes_py_io_and_one_data_file(exported):
     import onnx
