@@ -161,6 +161,68 @@ def test_int8_graph_is_tensorrt_qdq(trained):
     assert info["smoothing"]["groups"] == 6 and info["float_nodes_kept"] == [head.name]
 
 
+def _activation_pairs(model):
+    """Each quantized (weight) MatMul → its activation (QuantizeLinear, DequantizeLinear)."""
+    index = GraphIndex(model.graph)
+    pairs = {}
+    for node in model.graph.node:
+        weight = index.producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in index.initializers:
+            continue
+        dq = index.producer[node.input[0]]
+        assert dq.op_type == "DequantizeLinear", node.name
+        q = index.producer[dq.input[0]]
+        assert q.op_type == "QuantizeLinear", node.name
+        assert [r.name for r in index.consumers[dq.output[0]]] == [node.name], f"{dq.name} feeds several nodes"
+        assert [r.name for r in index.consumers[q.output[0]]] == [dq.name], f"{q.name} feeds several nodes"
+        pairs[node.name] = (q, dq)
+    return pairs
+
+
+@pytest.mark.slow
+def test_every_quantized_matmul_has_its_own_activation_qdq(trained):
+    """Shared activation Q/DQ (q/k/v, gate/up) keeps ONNX Runtime from fusing those MatMuls
+    into integer kernels; shared scale/zero-point tensors let its CSE merge the pairs back."""
+    root, _ = trained
+    model = onnx.load(str(root / "onnx" / "model_int8.onnx"))
+    pairs = _activation_pairs(model)
+    assert len(pairs) == 2 * 7
+    for names in ([q.input[1] for q, _ in pairs.values()], [q.input[2] for q, _ in pairs.values()]):
+        assert len(set(names)) == len(names), "activation scale/zero-point initializers are shared"
+    for q, dq in pairs.values():  # a pair reads one scale and zero point (the same numbers as before)
+        assert list(q.input[1:3]) == list(dq.input[1:3])
+    index = GraphIndex(model.graph)
+    by_input = {}
+    for q, _ in pairs.values():
+        by_input.setdefault(q.input[0], []).append(numpy_helper.to_array(index.initializers[q.input[1]]))
+    assert any(len(s) == 3 for s in by_input.values())  # q/k/v read one tensor with one range
+    assert all(np.array_equal(s[0], t) for s in by_input.values() for t in s)
+    # per layer: q/k/v's pair stays with one of them, two get new ones; gate/up: one new one
+    assert stage_info(root, "int8")["info"]["dedicated_activation_qdq"] == 2 * (2 + 1)
+
+
+@pytest.mark.slow
+def test_onnxruntime_fuses_every_weight_matmul_into_integer_ops(trained, tmp_path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(trained[0] / "onnx" / "model_int8.onnx"), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)  # weights point at the source
+    index = GraphIndex(model.graph)
+    float_weight_matmuls = [
+        n.name for n in model.graph.node
+        if n.op_type in ("MatMul", "FusedMatMul", "Gemm") and n.input[1] in index.producer
+        and index.producer[n.input[1]].op_type == "DequantizeLinear"
+        and index.producer[n.input[1]].input[0] in index.initializers
+    ]
+    assert float_weight_matmuls == []
+    integer = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
+                                                              "MatMulIntegerToFloat", "QGemm")]
+    assert len(integer) == 2 * 7, sorted({n.op_type for n in model.graph.node})
+
+
 def _smoothed_logits_change(root, tmp_path, expect_groups: int) -> float:
     """Fold SmoothQuant scales from random channel statistics into the fp32 graph of the
     bundle at `root`; the relative change of the logits (0 up to rounding when folded right)."""
