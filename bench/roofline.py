@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from ..exporters.shapes import KVLayout
 from .workloads import Point
 
 CPU_RUN = "not measured: CPU run"
@@ -59,14 +60,14 @@ def model_cost(config) -> ModelCost:
     embed = model.get_input_embeddings().weight.numel()
     # A tied lm_head multiplies by the embedding matrix, so it counts as matmul weight.
     tied = getattr(config, "tie_word_embeddings", False)
-    heads = config.num_attention_heads
+    layout = KVLayout.from_config(config)  # the one shape declaration (exporters/shapes.py)
     return ModelCost(
         params=params,
         matmul_params=params if tied else params - embed,
-        num_layers=config.num_hidden_layers,
+        num_layers=layout.num_layers,
         hidden_size=config.hidden_size,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
     )
 
 
