@@ -194,19 +194,12 @@ def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress)
         bundle.clean_tmp()
         progress(f"{stage.name}: skipped: {exc}")
         return {**record, "status": "skipped", "reason": str(exc)}
-    except ExportlineError:
+    except BaseException as exc:  # nothing of a failed stage reaches the bundle
         bundle.clean_tmp()
-        raise
-    except MemoryError:
-        bundle.clean_tmp()
-        raise StageError(f"stage {stage.name} ran out of memory; try a smaller preset or a machine with more RAM") from None
-    except OSError as exc:  # e.g. ENOSPC while writing: one line, and nothing reaches the bundle
-        bundle.clean_tmp()
-        where = f" ({Path(exc.filename).name})" if exc.filename else ""
-        raise OutputError(f"stage {stage.name}: {exc.strerror or exc}{where}; {_disk_hint(exc)}") from None
-    except BaseException:
-        bundle.clean_tmp()
-        raise
+        translated = _user_error(stage.name, exc)
+        if translated is None:
+            raise
+        raise translated from None
     outputs = bundle.commit(ctx.tmp)
     _remove_stale(bundle, previous, outputs)
     progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
@@ -215,6 +208,19 @@ def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress)
         "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _user_error(stage: str, exc: BaseException) -> ExportlineError | None:
+    """Out-of-memory and OS errors (e.g. a full disk) as one-line errors; anything else
+    (an ExportlineError already is one) propagates unchanged."""
+    if isinstance(exc, ExportlineError):
+        return None
+    if isinstance(exc, MemoryError):
+        return StageError(f"stage {stage} ran out of memory; try a smaller preset or a machine with more RAM")
+    if isinstance(exc, OSError):
+        where = f" ({Path(exc.filename).name})" if exc.filename else ""
+        return OutputError(f"stage {stage}: {exc.strerror or exc}{where}; {_disk_hint(exc)}")
+    return None
 
 
 def _remove_stale(bundle: Bundle, previous: dict | None, outputs: list[str]) -> None:
