@@ -18,7 +18,9 @@ from .errors import SourceError
 Progress = Callable[[str], None]
 
 # Bumped when a converter's output changes for the same input, so cached stages rerun.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: nanoGPT's record carries best_val_loss
+# --tokenizer NAME values that name a tokenizer exportline builds itself instead of a file.
+BUILTIN_TOKENIZERS = ("gpt2",)
 
 
 @dataclass
@@ -29,12 +31,15 @@ class CheckpointSource:
     name: str = ""
     preset: str | None = None  # the preset whose `checkpoint:` named this file
     thresholds: dict[str, Any] = field(default_factory=dict)
+    tokenizer_builtin: str | None = None  # --tokenizer gpt2
 
     kind: ClassVar[str] = "checkpoint"
     architecture: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).resolve()
+        if self.tokenizer_file is not None and str(self.tokenizer_file) in BUILTIN_TOKENIZERS:
+            self.tokenizer_builtin, self.tokenizer_file = str(self.tokenizer_file), None  # ./gpt2 names a file
         if self.tokenizer_file is not None:
             self.tokenizer_file = Path(self.tokenizer_file).resolve()
             if not self.tokenizer_file.is_file():
@@ -58,7 +63,7 @@ class CheckpointSource:
     def fingerprint(self) -> str:
         blob = {
             "kind": self.kind, "converter": CONVERTER_VERSION, "sha256": self.content_sha256,
-            "tokenizer": sha256_file(self.tokenizer_file) if self.tokenizer_file else None,
+            "tokenizer": sha256_file(self.tokenizer_file) if self.tokenizer_file else self.tokenizer_builtin,
             "trust_remote_code": self.trust_remote_code,
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -77,7 +82,13 @@ class CheckpointSource:
         there is none to ship (nothing is invented)."""
         if self.tokenizer_file:
             return {"kind": "file", "file": self.tokenizer_file.name}
+        if self.tokenizer_builtin:
+            return {"kind": self.tokenizer_builtin}
         return self.own_tokenizer_plan()
+
+    def warnings(self) -> list[str]:
+        """Things the user should see on the console before the export runs."""
+        return []
 
     def own_tokenizer_plan(self) -> dict[str, Any]:
         return {"kind": "none", "reason": f"{self.kind} checkpoints carry no tokenizer; pass --tokenizer tokenizer.json"}
@@ -99,6 +110,10 @@ class CheckpointSource:
 
         if self.tokenizer_file:
             return write_tokenizer_file(self.tokenizer_file, dest, model_max_length)
+        if self.tokenizer_builtin == "gpt2":
+            from .gpt2_tokenizer import write_gpt2_tokenizer
+
+            return write_gpt2_tokenizer(dest, model_max_length)
         return self.own_tokenizer_plan()
 
 

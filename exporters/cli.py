@@ -42,7 +42,9 @@ def export(
     trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
     trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none; 'gpt2' = GPT-2's BPE (nanoGPT's default encoding).")] = None,
+    meta: Annotated[Optional[Path], typer.Option("--meta", help="nanoGPT meta.pkl (char vocabulary) when it is not found beside the .pt or in data/<dataset>/.")] = None,
+    with_training_state: Annotated[bool, typer.Option("--with-training-state", help="nanoGPT: also store optimizer, iter_num, best_val_loss, config in training/ (for to-checkpoint).")] = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
@@ -51,11 +53,15 @@ def export(
     from .presets import parse_overrides
     from .sources import resolve_source
 
-    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                         meta=meta)
+    for warning in getattr(src, "warnings", list)():
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     bundle = Bundle(out or Path("out") / src.name)
     options = {
         "calibration_data": str(calibration_data) if calibration_data else None,
         "trt_max_batch": trt_max_batch, "trt_max_sequence": trt_max_sequence, "trt_workspace_gib": trt_workspace_gib,
+        "with_training_state": with_training_state,
     }
     with err.status("exporting…") as status:
         result = run_pipeline(

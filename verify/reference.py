@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..exporters.bundle import sha256_file
-from ..exporters.errors import NotAvailable
+from ..exporters.errors import ConfigError, NotAvailable
 
 MASKED = -1e30  # finite, so a row with no visible key (a left pad) stays finite instead of NaN
 
@@ -98,6 +98,9 @@ class NanoGPTReference(Reference):
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
         mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask)
         pos = torch.as_tensor(position_ids_from_mask(mask))
+        if pos.numel() and int(pos.max()) >= self.args["block_size"]:
+            raise ConfigError(f"position {int(pos.max())} is past nanoGPT's block_size {self.args['block_size']}: "
+                              "the model has no embedding for it; use shorter inputs")
         b, s = ids.shape
         e, h = self.args["n_embd"], self.args["n_head"]
         x = self.w["transformer.wte.weight"][ids] + self.w["transformer.wpe.weight"][pos]
