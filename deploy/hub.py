@@ -23,7 +23,7 @@ from .card_check import check_card
 from .prepare import prepare_locked
 from .scan import refuse_secrets
 
-GROUPS = ("hf", "onnx", "trt", "reports")
+GROUPS = ("hf", "onnx", "trt", "reports", "training")  # training/: nanoGPT optimizer state (--with-training-state)
 ALWAYS = (README, MANIFEST)  # the card and the checksums travel with every push
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; not a bundle file
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -58,7 +58,7 @@ class PushResult:
 
 def group_of(rel: str) -> str:
     head = rel.split("/", 1)[0] if "/" in rel else ""
-    return head if head in ("onnx", "trt", "reports") else "hf"
+    return head if head in GROUPS else "hf"
 
 
 def parse_include(text: str | None) -> tuple[str, ...]:
