@@ -67,7 +67,7 @@ def push(
     repo_id: RepoIdOpt,
     private: PrivateOpt = False,
     tag: Annotated[Optional[str], typer.Option(help="Tag the pushed commit, e.g. v1.0.0 (idempotent).")] = None,
-    include: Annotated[Optional[str], typer.Option(help="Groups to push: hf,onnx,trt,reports (default: all).")] = None,
+    include: Annotated[Optional[str], typer.Option(help="Groups to push: hf,onnx,trt,reports,training (default: all).")] = None,
     dry_run: DryRunOpt = False,
     token: TokenOpt = None,
 ) -> None:
