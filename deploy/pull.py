@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..exporters.bundle import MANIFEST, Bundle, sha256_file
-from ..exporters.errors import ArtifactError, OutputError
-from .engines import EngineCheck, check_engines
-from .hub import KEEP_REMOTE, check_repo_id, hub_api, hub_errors, resolve_token
+from exportline.deploy.engines import EngineCheck, check_engines
+from exportline.deploy.hub import KEEP_REMOTE, check_repo_id, hub_api, hub_errors, resolve_token
+from exportline.exporters.core.bundle import MANIFEST, Bundle, sha256_file
+from exportline.exporters.core.errors import ArtifactError, OutputError
 
 HUB_METADATA = ".cache"  # huggingface_hub's bookkeeping inside a local_dir download
 
@@ -66,7 +66,7 @@ def pull_bundle(
     return PullResult(repo_id, revision, commit, out, len(files), sum(f["bytes"] for f in files), missing, engines)
 
 
-def _download(repo_id: str, revision: str, dest: Path, token: str | None, progress: Callable[[str], None],
+def _download(repo_id: str, revision: str, dest: Path, token: str | None, progress: Callable[[str], None], *,
               allow_patterns: list[str] | None = None) -> str:
     """snapshot_download pinned to the commit `revision` resolves to; returns that commit."""
     from huggingface_hub import snapshot_download
@@ -128,8 +128,8 @@ def pull_checkpoint(
 ) -> PulledCheckpoint:
     """`pull --to-checkpoint`: only the files a training checkpoint needs, each checked against
     the manifest, turned into `out` (e.g. nanoGPT's ckpt.pt); the download is then removed."""
-    from ..exporters.checkpoint_writer import FORMATS, write_checkpoint
-    from ..exporters.errors import ConfigError
+    from exportline.exporters.core.errors import ConfigError
+    from exportline.exporters.sources.checkpoint_writer import FORMATS, write_checkpoint
 
     check_repo_id(repo_id)
     if format not in FORMATS:

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from nanogpt_train import TEXT, make_run, resume, train_config
 from sources_fixtures import bits, cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
@@ -39,7 +40,7 @@ def _generate_ids(bundle, *rows: list[int], new: int, backend: str = "onnx") -> 
     import io
     import sys
 
-    from exportline.exporters.cli import main
+    from exportline.exporters.cli.app import main
 
     argv, out, err = sys.argv, io.StringIO(), io.StringIO()
     sys.argv = ["exportline", "generate", str(bundle), "--backend", backend, "--greedy", "--max-new-tokens", str(new)]
@@ -107,9 +108,9 @@ def test_rotary_model_past_its_positions_is_refused_in_one_line(tmp_path):
 
 
 def test_cases_and_greedy_lengths_fit_the_positions():
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.core.shapes import KVLayout
     from exportline.verify.cases import build_cases
-    from exportline.verify.hf_check import greedy_steps
+    from exportline.verify.checks.hf import greedy_steps
 
     for limit in (8, 16, 64, 65):
         layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=4, vocab_size=50, max_positions=limit)
@@ -167,7 +168,7 @@ def test_without_training_state_the_checkpoint_resumes_with_a_fresh_optimizer(tm
     import contextlib
     import io
 
-    from exportline.exporters.checkpoint_writer import write_checkpoint
+    from exportline.exporters.sources.checkpoint_writer import write_checkpoint
 
     written = write_checkpoint(tmp_path / "bundle", tmp_path / "back.pt", format="nanogpt")
     assert "reset: optimizer" in written.note and "best_val_loss" not in written.note  # recorded, so kept
@@ -230,7 +231,7 @@ def _tiktoken_gpt2():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    from exportline.exporters.gpt2_tokenizer import FILES, gpt2_files
+    from exportline.exporters.sources.gpt2_tokenizer import FILES, gpt2_files
 
     files = gpt2_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
@@ -242,7 +243,7 @@ def _tiktoken_gpt2():
 def test_tokenizer_gpt2_ships_gpt2_bpe_identical_to_tiktoken(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from exportline.exporters.tokenizer import default_corpus
+    from exportline.exporters.sources.tokenizer import default_corpus
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken reads the local files, caches nothing
     save_nanogpt(tmp_path / "ckpt.pt", nanogpt_args(vocab_size=50304, n_embd=16, n_head=2, n_layer=1, block_size=64))
