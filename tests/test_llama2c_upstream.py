@@ -14,9 +14,9 @@ from llama2c_upstream import (
 )
 from sources_fixtures import cli, error_line
 
-from exportline.exporters import llama2c
-from exportline.exporters.spm_tokenizer import write_spm_tokenizer
-from exportline.exporters.tokenizer import default_corpus
+from exportline.exporters.sources.llama2c import convert as llama2c
+from exportline.exporters.sources.spm_tokenizer import write_spm_tokenizer
+from exportline.exporters.sources.tokenizer import default_corpus
 
 WRITERS = {0: legacy_export, 1: version1_export, 2: version2_export}
 # Unicode the vocabulary knows, some it does not (byte fallback), and whitespace runs.
