@@ -117,7 +117,8 @@ def _export_and_generate(tmp_path, model_file, tokenizer, *stages, backend="torc
     report = json.loads((out / "reports" / "verify.json").read_text())
     assert report["passed"] and all(s["status"] == "passed" for s in report["stages"]), report
     result = generate_from_bundle(out, backend=backend, prompts=[PROMPT], max_new_tokens=new)
-    return json.loads((out / "manifest.json").read_text()), result
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {**manifest, "verify": report}, result
 
 
 @pytest.mark.parametrize("version", [0, 1, 2])
@@ -137,6 +138,8 @@ def test_greedy_text_equals_run_c(tmp_path, vocab, version, tok_kind):
     src = manifest["source"]
     assert src["file_version"] == version and src["tokenizer"]["file"].endswith(tok_kind)
     assert ("int8 (Q8_0, group size 64" in src["weights_precision"]) is (version == 2)
+    (hf_check,) = manifest["verify"]["stages"]
+    assert ("int8 (Q8_0" in hf_check["reference"]) is (version == 2)  # the bound is against those weights
     assert manifest["stages"]["hf"]["info"]["tokenizer"]["kind"] == "sentencepiece"
     assert result.generation.tokens == [want_ids] and len(want_ids) == 24
     assert result.lines == [want_text.replace("\n", "\\n")]
@@ -179,3 +182,24 @@ def test_bad_tokenizer_files_are_refused_in_one_line(tmp_path, vocab, defect):
             "bin-without-bos": "are not llama2.c's BOS/EOS"}[defect]
     assert code != 0 and want in error_line(err)
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_generation_stops_at_bos_as_run_c_does(tmp_path, vocab):
+    """run.c ends a sequence when the model emits BOS (1). Make BOS the greedy choice where
+    the model would emit its 6th token (its classifier row 1.5× that token's row, so its
+    logit is 1.5× the winning, positive logit): run.c and the bundle both stop there."""
+    import torch
+
+    _, tokenizer_bin = vocab
+    model = TinyLlama2c(ModelArgs(), shared=False, seed=5)
+    legacy_export(model, tmp_path / "run_c.bin")
+    _, ids, _ = run_c_generate(tmp_path / "run_c.bin", tokenizer_bin, PROMPT, 24)
+    with torch.no_grad():
+        model.output.weight[1] = 1.5 * model.output.weight[ids[5]]
+    legacy_export(model, tmp_path / "run_c.bin")
+    version1_export(model, tmp_path / "model.bin")
+    _, want_ids, want_text = run_c_generate(tmp_path / "run_c.bin", tokenizer_bin, PROMPT, 24)
+    assert want_ids[-1] == 1 and len(want_ids) <= 6
+    _, result = _export_and_generate(tmp_path, tmp_path / "model.bin", tokenizer_bin, "hf")
+    assert result.generation.tokens == [want_ids] and result.generation.finish == ["eos"]
+    assert result.lines == [want_text.replace("\n", "\\n")]

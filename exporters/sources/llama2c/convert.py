@@ -232,6 +232,16 @@ def to_hf_state(header: Llama2cHeader, tensors: dict[str, np.ndarray]) -> dict:
     return state
 
 
+def _stop_at_bos_too(dest: Path) -> None:
+    """run.c's generate() stops when the model emits BOS (llama2.c trains on stories that
+    each start with BOS and end without EOS), so greedy generation stops at EOS or BOS."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(dest, local_files_only=True)
+    generation.eos_token_id = [2, 1]
+    generation.save_pretrained(dest)
+
+
 def hf_config(header: Llama2cHeader):
     from transformers import LlamaConfig
 
@@ -272,6 +282,7 @@ class Llama2cSource(CheckpointSource):
         del tensors
         files = write_hf_weights(state, dest)
         write_config_files(config, dest)
+        _stop_at_bos_too(dest)
         return {"weights": files, "tokenizer": tok_info, "random_init": False,
                 "shared_classifier": header.shared_classifier, "header": asdict(header),
                 "file_version": header.version, "weights_precision": header.weights_precision}
