@@ -98,8 +98,9 @@ def _safetensors_bytes(out: Path) -> int:
 def _child(preset: str, stage: str, out: Path, overrides: list[str], force: bool) -> None:
     from exportline.exporters.core.bundle import Bundle
     from exportline.exporters.core.pipeline import run_pipeline
+    from exportline.exporters.stages import STAGES
 
-    result = run_pipeline(Bundle(out), _source(preset, overrides), stages=[stage], force=force)
+    result = run_pipeline(Bundle(out), _source(preset, overrides), stages=[STAGES[stage]], force=force)
     print(_RECORD + json.dumps(result.ran[-1], default=str), flush=True)
 
 
@@ -135,11 +136,11 @@ def main(
 ) -> None:
     """Measure wall time and peak memory of export stages, each in a fresh process."""
     from exportline.exporters.core.errors import ExportlineError
-    from exportline.exporters.core.pipeline import parse_stages
+    from exportline.exporters.stages import parse_stages
 
     out = out or Path("out") / preset
     try:
-        names = parse_stages(stages)
+        names = [s.name for s in parse_stages(stages)]
         if child:
             return _child(preset, names[0], out, set_ or [], force)
         ensure_hf(preset, out, set_ or [])

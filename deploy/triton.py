@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exportline.deploy.engines import EngineCheck, check_engine
 from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
 from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
-from exportline.deploy.engines import EngineCheck, check_engine
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 FILENAMES = {"onnx": "model.onnx", "tensorrt": "model.plan"}

@@ -43,10 +43,10 @@ def build_bundle(dest: Path) -> Path:
 
 def write_standin_onnx(path: Path, config: dict, *, kv_type: str = "float32") -> None:
     """logits = embedding rows of input_ids; present.i.* = past concatenated with a broadcast of the ids."""
+    from types import SimpleNamespace
+
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from types import SimpleNamespace
 
     from exportline.exporters.core.shapes import KVLayout
 

@@ -137,9 +137,9 @@ def legacy_export(model, filepath):
         out.write(struct.pack("iiiiiii", p.dim, hidden_dim, p.n_layers, p.n_heads, n_kv_heads,
                               p.vocab_size if shared else -p.vocab_size, p.max_seq_len))
         serialize_fp32(out, model.tok_embeddings.weight)
-        for get in (lambda l: l.attention_norm, lambda l: l.attention.wq, lambda l: l.attention.wk,
-                    lambda l: l.attention.wv, lambda l: l.attention.wo, lambda l: l.ffn_norm,
-                    lambda l: l.feed_forward.w1, lambda l: l.feed_forward.w2, lambda l: l.feed_forward.w3):
+        for get in (lambda b: b.attention_norm, lambda b: b.attention.wq, lambda b: b.attention.wk,
+                    lambda b: b.attention.wv, lambda b: b.attention.wo, lambda b: b.ffn_norm,
+                    lambda b: b.feed_forward.w1, lambda b: b.feed_forward.w2, lambda b: b.feed_forward.w3):
             for layer in model.layers:
                 serialize_fp32(out, get(layer).weight)
         serialize_fp32(out, model.norm.weight)
@@ -160,14 +160,14 @@ def _versioned_header(out, model, version, shared):
 
 def _matrices(model):
     layers = model.layers
-    return [model.tok_embeddings.weight, *[l.attention.wq.weight for l in layers],
-            *[l.attention.wk.weight for l in layers], *[l.attention.wv.weight for l in layers],
-            *[l.attention.wo.weight for l in layers], *[l.feed_forward.w1.weight for l in layers],
-            *[l.feed_forward.w2.weight for l in layers], *[l.feed_forward.w3.weight for l in layers]]
+    return [model.tok_embeddings.weight, *[b.attention.wq.weight for b in layers],
+            *[b.attention.wk.weight for b in layers], *[b.attention.wv.weight for b in layers],
+            *[b.attention.wo.weight for b in layers], *[b.feed_forward.w1.weight for b in layers],
+            *[b.feed_forward.w2.weight for b in layers], *[b.feed_forward.w3.weight for b in layers]]
 
 
 def _norms(model):
-    return [*[l.attention_norm.weight for l in model.layers], *[l.ffn_norm.weight for l in model.layers],
+    return [*[b.attention_norm.weight for b in model.layers], *[b.ffn_norm.weight for b in model.layers],
             model.norm.weight]
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
 from exportline.exporters.core.bundle import Bundle
+
+from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
 
 def _export(src, out, *extra):

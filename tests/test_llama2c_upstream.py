@@ -9,14 +9,23 @@ import json
 import numpy as np
 import pytest
 from llama2c_upstream import (
-    ModelArgs, TinyLlama2c, dequantised_copy, export_tokenizer_bin, legacy_export, run_c_encode,
-    run_c_generate, train_vocab, version1_export, version2_export,
+    ModelArgs,
+    TinyLlama2c,
+    dequantised_copy,
+    export_tokenizer_bin,
+    legacy_export,
+    run_c_encode,
+    run_c_generate,
+    train_vocab,
+    version1_export,
+    version2_export,
 )
-from sources_fixtures import cli, error_line
 
 from exportline.exporters.sources.llama2c import convert as llama2c
 from exportline.exporters.sources.spm_tokenizer import write_spm_tokenizer
 from exportline.exporters.sources.tokenizer import default_corpus
+
+from sources_fixtures import cli, error_line
 
 WRITERS = {0: legacy_export, 1: version1_export, 2: version2_export}
 # Unicode the vocabulary knows, some it does not (byte fallback), and whitespace runs.

@@ -307,9 +307,9 @@ def export_onnx(
     hf_dir: Path, out_dir: Path, *, opset: int = OPSET, progress: Callable[[str], None] = lambda m: None
 ) -> OnnxExport:
     """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`."""
-    from exportline.exporters.sources.weights_reader import CheckpointWeights
     from exportline.exporters.onnx.replicate import TRACE_LAYERS, NotReplicable
     from exportline.exporters.onnx.weights import check_checkpoint_covers, save
+    from exportline.exporters.sources.weights_reader import CheckpointWeights
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exportline.exporters.sources.weights_reader import CheckpointWeights
 from exportline.exporters.core.errors import SourceError, StageError
+from exportline.exporters.sources.weights_reader import CheckpointWeights
 
 # Tensors up to this many bytes stay inside model.onnx (shape constants, scalars); every
 # weight goes to the one data file.

@@ -26,9 +26,9 @@ from __future__ import annotations
 from typing import Any
 
 from exportline.exporters.core.errors import StageError
-from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
-from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
 from exportline.exporters.core.pipeline import Stage, StageContext
+from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
 
 SOURCE = "onnx/model.onnx"
 TARGET = "onnx/model_fp16.onnx"

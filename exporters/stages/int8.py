@@ -34,13 +34,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
 from exportline.exporters.core.errors import StageError
-from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
+from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph
-from exportline.exporters.core.pipeline import Stage, StageContext
-from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
+from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
 from exportline.exporters.precision.activation_stats import channel_absmax
+from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
+from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
 from exportline.exporters.precision.smoothing import apply as smooth
 from exportline.exporters.precision.smoothing import find_groups, input_axis
 
@@ -187,7 +187,7 @@ def _quiet():
 def _run(ctx: StageContext) -> dict[str, Any]:
     source = ctx.bundle_file(SOURCE)
     layout, max_positions = _layout(ctx)
-    text = calibration_path(ctx.options.get("calibration_data"))
+    text = calibration_path(ctx.options.calibration_data)
     split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
@@ -310,9 +310,9 @@ def activation_channels(graph, nodes: list[str]) -> dict[str, int]:
     return out
 
 
-def _options(opts: dict[str, Any]) -> dict[str, Any]:
+def _options(opts: ExportOptions) -> dict[str, Any]:
     """What enters the fingerprint: the calibration text by content (None = the shipped corpus)."""
-    given = opts.get("calibration_data")
+    given = opts.calibration_data
     path = calibration_path(given)
     # absolute, so `exportline verify` finds the held-out text from any working directory
     return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),

@@ -17,11 +17,21 @@ from typing import Any
 
 from exportline.exporters.core.bundle import sha256_file
 from exportline.exporters.core.errors import ConfigError, NotAvailable, StageError
-from exportline.exporters.core.pipeline import Stage, StageContext
+from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.core.shapes import KVLayout
 from exportline.exporters.tensorrt.engines import (
-    ENGINE_SOURCES, Target, build_metadata, collecting_logger, default_max_sequence, engine_filename,
-    engine_profiles, local_target, load_tensorrt, metadata_path, set_shape_calls, write_metadata,
+    ENGINE_SOURCES,
+    Target,
+    build_metadata,
+    collecting_logger,
+    default_max_sequence,
+    engine_filename,
+    engine_profiles,
+    load_tensorrt,
+    local_target,
+    metadata_path,
+    set_shape_calls,
+    write_metadata,
 )
 
 DEFAULT_MAX_BATCH = 8
@@ -47,10 +57,10 @@ def _target_label() -> str:
         return f"not available: {exc}"
 
 
-def _options(opts: dict[str, Any]) -> dict[str, Any]:
-    max_batch = opts.get("trt_max_batch") or DEFAULT_MAX_BATCH
-    max_sequence = opts.get("trt_max_sequence")  # None: from config.json, capped
-    workspace = opts.get("trt_workspace_gib") or DEFAULT_WORKSPACE_GIB
+def _options(opts: ExportOptions) -> dict[str, Any]:
+    max_batch = opts.trt_max_batch or DEFAULT_MAX_BATCH
+    max_sequence = opts.trt_max_sequence  # None: from config.json, capped
+    workspace = opts.trt_workspace_gib or DEFAULT_WORKSPACE_GIB
     if int(max_batch) < 1 or (max_sequence is not None and int(max_sequence) < 1) or float(workspace) <= 0:
         raise ConfigError(
             f"TensorRT limits must be positive: --trt-max-batch {max_batch}, "
@@ -62,11 +72,11 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def timing_cache_path(opts: dict[str, Any], target: Target) -> Path:
+def timing_cache_path(opts: ExportOptions, target: Target) -> Path:
     """Outside the bundle: tactic timings belong to this GPU, not to the model (a bundle
     is pushed to the Hub), and one cache serves every model built here."""
-    if opts.get("trt_timing_cache"):
-        return Path(opts["trt_timing_cache"])
+    if opts.trt_timing_cache:
+        return Path(opts.trt_timing_cache)
     base = os.environ.get("EXPORTLINE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
     return Path(base) / "tensorrt" / f"timing.{target.sm}.trt{target.tensorrt}.cache"
 

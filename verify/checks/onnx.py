@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from exportline.exporters.core.shapes import KVLayout
-
-from exportline.verify.suite import CheckContext
-from exportline.verify.checks.cases import Case, Materialized, build_cases, output_mask, positions_first
+from exportline.verify.cases import Case, Materialized, build_cases, output_mask, positions_first
+from exportline.verify.checks.context import CheckContext
 from exportline.verify.generate import Sampling, generate
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
-from exportline.verify.runtime.base import Runner
 from exportline.verify.runtime.backends import make_runner
+from exportline.verify.runtime.base import Runner
 
 STAGE = "onnx"
 GREEDY_TOKENS = 32

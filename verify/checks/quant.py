@@ -18,10 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from exportline.exporters.precision.calibration import HELDOUT_EVERY, calibration_path, file_sha256, load_tokenizer, split_text, spread
 from exportline.exporters.core.errors import ConfigError
-from exportline.verify.suite import CheckContext
-from exportline.verify.checks.cases import Case, output_mask, positions_first
+from exportline.exporters.precision.calibration import (
+    HELDOUT_EVERY,
+    calibration_path,
+    file_sha256,
+    load_tokenizer,
+    split_text,
+    spread,
+)
+from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.checks.context import CheckContext
 from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
 from exportline.verify.runtime.backends import make_runner

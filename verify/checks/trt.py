@@ -13,15 +13,19 @@ run here (DESIGN.md §5).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
 from exportline.exporters.tensorrt.engines import (
-    ENGINE_SOURCES, check_engine_compatible, local_target, metadata_path, read_metadata, select_profile,
+    ENGINE_SOURCES,
+    check_engine_compatible,
+    local_target,
+    metadata_path,
+    read_metadata,
+    select_profile,
 )
-from exportline.verify.suite import CheckContext
-from exportline.verify.checks.cases import Case, output_mask, positions_first
+from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.checks.context import CheckContext
 from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
 from exportline.verify.runtime.backends import make_runner
@@ -72,7 +76,7 @@ def _recorded_engines(ctx: CheckContext, target) -> dict[str, str]:
     built = ctx.manifest.get("stages", {}).get(STAGE, {}).get("info", {}).get("engines") or {}
     if not built:
         raise ArtifactError(f"no engine recorded in the manifest; build them: exportline export {ctx.root} --stages trt")
-    for precision, name in built.items():
+    for name in built.values():
         meta = read_metadata(metadata_path(ctx.root / "trt" / name))
         try:
             check_engine_compatible(meta, target, bundle=ctx.root)

@@ -112,3 +112,21 @@ def _reason(exc: Exception) -> str:
     reason end, which is what says what is wrong."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= 240 else "…" + text[-240:]
+
+
+def ort_session_options(threads: int) -> dict[str, Any]:
+    """Intra-op threads = physical cores (hyper-threads only contend for the same FMA units),
+    one inter-op thread (a decoder graph is a chain, nothing to run in parallel), every
+    graph optimization (fusions for attention, GELU/RMSNorm, Q/DQ → integer kernels)."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+    }
+
+
+def ort_bench_options(device: str, threads: int) -> dict[str, Any]:
+    # On cuda the CUDA EP is required, not preferred: ORT silently falling back to the CPU
+    # would be timed against torch on the GPU. The runner says "not available" without it.
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return {"providers": providers, "session_options": ort_session_options(threads)}

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from exportline.exporters.sources.base import CheckpointSource, Progress
 from exportline.exporters.core.errors import SourceError
+from exportline.exporters.sources.base import CheckpointSource, Progress
 
 HEADER = struct.Struct("<7i")
 MAGIC = 0x616B3432  # "ak42": export.py version 1/2 files, which have a 256-byte header
