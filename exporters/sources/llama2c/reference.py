@@ -20,6 +20,8 @@ class Llama2cReference(Reference):
         import torch
 
         self.h = header
+        if header.version == 2:  # the bound is then against the dequantised weights, as the manifest says
+            self.description = f"{self.description}; weights {header.weights_precision}"
         self.w = {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in tensors.items()
                   if not k.startswith("freqs_")}  # RoPE tables are recomputed in float64
 
