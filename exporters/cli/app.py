@@ -36,7 +36,7 @@ def export(
     trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
     trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none; 'gpt2' = GPT-2's BPE (nanoGPT's default encoding).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to ship with a checkpoint that has none: tokenizer.json, a sentencepiece tokenizer.model, llama2.c's tokenizer.bin, or 'gpt2' (GPT-2's BPE, nanoGPT's default encoding).")] = None,
     meta: Annotated[Optional[Path], typer.Option("--meta", help="nanoGPT meta.pkl (char vocabulary) when it is not found beside the .pt or in data/<dataset>/.")] = None,
     with_training_state: Annotated[bool, typer.Option("--with-training-state", help="nanoGPT: also store optimizer, iter_num, best_val_loss, config in training/ (for to-checkpoint).")] = False,
     trust_remote_code: TrustOpt = False,
