@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph
 from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
@@ -44,8 +45,8 @@ from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summa
 from exportline.exporters.precision.smoothing import apply as smooth
 from exportline.exporters.precision.smoothing import find_groups, input_axis
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_int8.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
