@@ -22,7 +22,7 @@ from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.exporters.onnx.replicate import TRACE_LAYERS
 from exportline.exporters.sources import PresetSource
 from exportline.exporters.stages import parse_stages
-from exportline.verify.checks.metrics import compare
+from exportline.verify.metrics import compare
 
 # One tiny model per supported architecture (optimum's habit: a registered architecture
 # without a test model fails test_every_architecture_has_a_test_model). "preset" = exported
