@@ -60,11 +60,11 @@ class TritonModel:
 
 
 def layout_of(root: Path) -> KVLayout:
-    from transformers import AutoConfig
+    from exportline.exporters.sources.hf_writer import load_config
 
     if not (Path(root) / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export the hf stage first: exportline export SOURCE --out {root}")
-    return KVLayout.from_config(AutoConfig.from_pretrained(root))
+    return KVLayout.from_config(load_config(root))
 
 
 def onnx_io_types(path: Path) -> dict[str, str]:

@@ -158,11 +158,10 @@ def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], *, node
 
 
 def _layout(ctx: StageContext):
-    from transformers import AutoConfig
-
     from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(str(ctx.bundle.root))
+    config = load_config(ctx.bundle.root)
     return KVLayout.from_config(config), config.max_position_embeddings
 
 
