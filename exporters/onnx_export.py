@@ -156,10 +156,10 @@ def _kv_wrapper(model):
                 layer.keys, layer.values = past_key_values[i], past_key_values[i + 1]
             out = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, return_dict=True,
+                cache=cache, use_cache=True, return_dict=True,
             )
             presents = []
-            for layer in out.past_key_values.layers:
+            for layer in out.cache.layers:
                 presents += [layer.keys, layer.values]
             return (out.logits, *presents)
 
@@ -254,16 +254,25 @@ def _trace(model, layout: KVLayout, opset: int):
     return onnx_program.model
 
 
+# Warnings torch raises about its own internals while tracing (category, message regex).
+# Only these are hidden: any other warning, e.g. a deprecation in how we call transformers,
+# must reach the user and the tests.
+TRACE_NOISE = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # torch.export's pytree, torch 2.13
+)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Library code does not print: torch.onnx logs and warns about its own internals
-    (missing torchvision ops, axis renames) while tracing; none of it is a fact for the user."""
+    """Library code does not print: torch.onnx logs about its own internals (missing
+    torchvision ops, axis renames) while tracing; none of it is a fact for the user."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            for category, message in TRACE_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
             yield
     finally:
         logger.setLevel(level)
