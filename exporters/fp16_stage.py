@@ -28,6 +28,7 @@ from typing import Any
 from .errors import StageError
 from .graph_walk import GraphIndex, remove_dead_nodes, topological_sort
 from .graph_io import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from .onnx_metadata import stamp_derived
 from .pipeline import Stage, StageContext
 
 SOURCE = "onnx/model.onnx"
@@ -228,6 +229,10 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
     converted, facts = convert(model)
     del model
+    import onnxruntime
+
+    stamp_derived(converted, ctx=ctx, precision="fp16", parent=ctx.bundle_file(SOURCE),
+                  step=f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands")
     target = ctx.tmp / TARGET
     files = save_graph(converted, target)
     check_graph(target)

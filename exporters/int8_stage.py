@@ -38,6 +38,7 @@ from .calibration import calibration_path, file_sha256, load_tokenizer, split_te
 from .errors import StageError
 from .graph_walk import GraphIndex, topological_sort
 from .graph_io import check_graph, external_data_files, load_graph, save_graph
+from .onnx_metadata import stamp_derived
 from .pipeline import Stage, StageContext
 from .qdq_form import qdq_form_problems, qdq_summary
 from .activation_stats import channel_absmax
@@ -199,6 +200,10 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     if problems:
         raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
     topological_sort(model.graph)
+    import onnxruntime
+
+    stamp_derived(model, ctx=ctx, precision="int8", parent=source,
+                  step=f"exportline SmoothQuant + onnxruntime {onnxruntime.__version__} quantize_static (Q/DQ)")
     target = ctx.tmp / TARGET
     files = save_graph(model, target)
     check_graph(target)

@@ -313,10 +313,15 @@ class OnnxExport:
 
 
 def export_onnx(
-    hf_dir: Path, out_dir: Path, *, opset: int = OPSET, progress: Callable[[str], None] = lambda m: None
+    hf_dir: Path, out_dir: Path, *, opset: int = OPSET, source: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = lambda m: None,
 ) -> OnnxExport:
-    """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`."""
+    """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`; `source`
+    (the source's description) goes into the graph's metadata_props (exporters/onnx_metadata.py)."""
+    import torch
+
     from .checkpoint_weights import CheckpointWeights
+    from .onnx_metadata import exportline_version, graph_metadata, stamp
     from .onnx_replicate import TRACE_LAYERS, NotReplicable
     from .onnx_weights import check_checkpoint_covers, save
 
@@ -345,6 +350,9 @@ def export_onnx(
         ir_model, traced = build_graph(model, layout, weights, stack=None, opset=opset, lap=lap)
     del model  # its untouched weight pages are released; the graph reads the checkpoint
     progress(f"onnx: writing {weights.nbytes / 2**30:.2f} GiB of weights into {DATA_FILE}")
+    stamp(ir_model, graph_metadata(source=source or {"kind": "hf", "path": str(hf_dir)}, precision="fp32", layout=layout,
+                                   made_by=[f"torch {torch.__version__} torch.export + torch.onnx",
+                                            f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     save(ir_model, out_dir / MODEL_FILE, DATA_FILE)
     lap("write")
