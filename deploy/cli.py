@@ -138,7 +138,8 @@ def push_dataset(
 
 
 def handoff(
-    bundle: BundleArg,
+    bundle: Annotated[str, typer.Argument(
+        help="Bundle folder, or a Hub repo id ORG/NAME (pulled into the cache first, every checksum verified).")],
     triton: Annotated[Path, typer.Option("--triton", help="Triton model repository folder to write into.")],
     backend: Annotated[str, typer.Option(help="onnx (onnxruntime_onnx) or tensorrt (tensorrt_plan).")] = "onnx",
     precision: Annotated[Optional[str], typer.Option(
@@ -147,9 +148,10 @@ def handoff(
     engine: Annotated[Optional[str], typer.Option(help="Engine file under trt/ (tensorrt backend).")] = None,
 ) -> None:
     """Write a Triton Inference Server model repository: <name>/config.pbtxt + <name>/1/model.*"""
+    from .pull import bundle_or_pull
     from .triton import write_triton_repo
 
-    model = write_triton_repo(bundle, triton, backend=backend, precision=precision, name=name, engine=engine)
+    model = write_triton_repo(bundle_or_pull(bundle, progress=err.print), triton, backend=backend, precision=precision, name=name, engine=engine)
     typer.echo(f"{model.model_dir}: {model.platform}, {len(model.inputs)} inputs, {len(model.outputs)} outputs "
                f"({', '.join(model.files)})")
     if model.engine_check is not None and not model.engine_check.usable:

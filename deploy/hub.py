@@ -27,7 +27,7 @@ from .scan import find_secret_bytes, refuse_secrets
 GROUPS = ("hf", "onnx", "trt", "reports")
 ALWAYS = (README, MANIFEST)  # the card and the checksums travel with every push
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; not a bundle file
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 RESUME = "the commit did not happen; run the same command again to finish (files already uploaded are not sent twice)"
 
@@ -73,7 +73,7 @@ def parse_include(text: str | None) -> tuple[str, ...]:
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id or ""):
+    if not REPO_ID.match(repo_id or ""):
         raise ConfigError(f"repo id {repo_id!r} is not ORG/NAME (letters, digits, '-', '_', '.'); e.g. --repo-id my-org/tiny-llama")
     return repo_id
 

@@ -15,6 +15,8 @@ from rich.console import Console
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder written by `exportline export`.")]
+BundleOrRepoArg = Annotated[str, typer.Argument(
+    help="Bundle folder, or a Hub repo id ORG/NAME (pulled into the cache first, every checksum verified).")]
 StageOpt = Annotated[Optional[list[str]], typer.Option("--stage", help="Check only this stage (repeatable); default: every stage the manifest records.")]
 LongOpt = Annotated[int, typer.Option("--long", min=4, help="Long prefill / past length of the verification cases (DESIGN.md §6 asks ≥ 64).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="torch | onnx | onnx-fp16 | onnx-int8 (trt-* once built).")]
@@ -39,7 +41,7 @@ def verify(bundle: BundleArg, stage: StageOpt = None, long: LongOpt = 64) -> Non
 
 
 def generate(
-    bundle: BundleArg,
+    bundle: BundleOrRepoArg,
     prompt: PromptOpt = None,
     token_ids: TokenIdsOpt = None,
     backend: BackendOpt = "onnx",
@@ -51,14 +53,16 @@ def generate(
 ) -> None:
     """Generate from the bundle with the KV cache; text on stdout (one line per prompt), timings on stderr."""
     from ..exporters.errors import ConfigError
+    from ..deploy.pull import bundle_or_pull
     from .generate import Sampling, generate_from_bundle
 
     if greedy and temperature is not None:
         raise ConfigError("--greedy and --temperature exclude each other; drop one")
     sampling = Sampling(greedy=temperature is None, temperature=temperature or 1.0, top_k=top_k, seed=seed)
     _quiet_transformers()
+    root = bundle_or_pull(bundle, progress=err.print)
     result = generate_from_bundle(
-        bundle, backend=backend, prompts=prompt, token_ids=[_parse_ids(t) for t in token_ids or []] or None,
+        root, backend=backend, prompts=prompt, token_ids=[_parse_ids(t) for t in token_ids or []] or None,
         max_new_tokens=max_new_tokens, sampling=sampling, progress=err.print,
     )
     if not result.used_tokenizer:
