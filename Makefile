@@ -31,7 +31,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(LOCK_VENV)/bin/python -m pip install -q '.[dev]'
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev]'
 	{ echo "# pip constraints: the versions \`make test\` passed with. Regenerate with \`make lock\`; used by \`make setup\` and CI."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(exportline|pip|setuptools|wheel)[=@ ]' | sed -E 's/\+[a-z0-9.]+$$//'; \
 	} > constraints.txt.new
