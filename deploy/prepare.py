@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..exporters.bundle import MANIFEST_FORMAT, Bundle, sha256_file, write_text_atomic
-from ..exporters.errors import ArtifactError
-from .card import README, load_inputs, render_card
-from .torchhub import HUBCONF, hubconf_text
+from exportline.deploy.card import README, load_inputs, render_card
+from exportline.deploy.torchhub import HUBCONF, hubconf_text
+from exportline.exporters.core.bundle import MANIFEST_FORMAT, Bundle, sha256_file, write_text_atomic
+from exportline.exporters.core.errors import ArtifactError
 
 
 def stale_stage_outputs(bundle: Bundle, manifest: dict[str, Any]) -> list[tuple[str, str]]:

@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..exporters.errors import ArtifactError, ConfigError, OutputError
-from ..exporters.shapes import KVLayout, TensorSpec, optimization_profiles
-from .engines import EngineCheck, check_engine
+from exportline.deploy.engines import EngineCheck, check_engine
+from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 FILENAMES = {"onnx": "model.onnx", "tensorrt": "model.plan"}
@@ -247,7 +247,7 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, err
 
 
 def _bundle_name(root: Path) -> str:
-    from ..exporters.bundle import Bundle
+    from exportline.exporters.core.bundle import Bundle
 
     bundle = Bundle(root)
     return (bundle.read_manifest().get("name") if bundle.manifest_path.is_file() else None) or root.resolve().name

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from exportline.exporters.core.shapes import KVLayout
+
 from deploy_bundle import exportline_cmd
-from exportline.exporters.shapes import KVLayout
 
 pytestmark = pytest.mark.slow  # one real export of tiny through four stages (~15 s of CPU)
 
@@ -46,9 +47,10 @@ def test_every_file_gets_the_users_umask(exported):
 @pytest.mark.parametrize("rel,precision", [("onnx/model.onnx", "fp32"), ("onnx/model_fp16.onnx", "fp16"),
                                            ("onnx/model_int8.onnx", "int8")])
 def test_graph_metadata_names_source_version_precision_and_io(exported, rel, precision):
+    from importlib import metadata
+
     import onnx
     import onnxruntime as ort
-    from importlib import metadata
 
     out, _ = exported
     model = onnx.load(str(out / rel), load_external_data=False)

@@ -66,14 +66,14 @@ def test_pyproject_bounds_the_apis_we_call():
 
 
 def test_trace_filter_hides_only_the_known_torch_message():
-    from exportline.exporters.onnx_export import _quiet
+    from exportline.exporters.onnx.export import _quiet
 
     with pytest.warns(FutureWarning, match="cache"), _quiet():
-        warnings.warn("`past_key_values` is deprecated; use `cache`", FutureWarning)
+        warnings.warn("`past_key_values` is deprecated; use `cache`", FutureWarning, stacklevel=1)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with _quiet():
-            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
     assert seen == []
 
 

@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from test_deploy_triton import parse_config
 
 from deploy_bundle import exportline_cmd
-from test_deploy_triton import parse_config
 
 REPO = "org/tiny"
 pytestmark = pytest.mark.slow  # one push, six subprocesses that import torch/transformers

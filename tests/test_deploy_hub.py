@@ -4,7 +4,7 @@ with the CLI run in a subprocess (the client reads HF_ENDPOINT at import time)."
 from __future__ import annotations
 
 from exportline.deploy.prepare import prepare_bundle
-from exportline.exporters.bundle import Bundle, sha256_file
+from exportline.exporters.core.bundle import Bundle, sha256_file
 
 REPO = "org/tiny"
 

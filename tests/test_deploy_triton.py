@@ -11,10 +11,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from deploy_bundle import ENGINE, exportline_cmd, write_standin_onnx
 from exportline.deploy.triton import write_triton_repo
-from exportline.exporters.errors import ArtifactError
-from exportline.exporters.shapes import KVLayout
+from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.shapes import KVLayout
+
+from deploy_bundle import ENGINE, exportline_cmd, write_standin_onnx
+
 
 def parse_config(path):
     """config.pbtxt parsed with Triton's own schema (tritonclient's model_config_pb2, generated from
