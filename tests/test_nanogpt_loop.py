@@ -188,6 +188,20 @@ def test_without_training_state_the_checkpoint_resumes_with_a_fresh_optimizer(tm
         assert torch.equal(bits(back["model"][key]), bits(t)), key
 
 
+def test_to_checkpoint_refuses_a_training_state_changed_after_export(tmp_path):
+    run = make_run(tmp_path / "nanoGPT", bias=True, compiled=False)
+    code, err = cli("export", run.ckpt, "--stages", "hf", "--with-training-state", "--out", tmp_path / "bundle", "--no-verify")
+    assert code == 0, err
+    state = tmp_path / "bundle" / "training" / "state.json"
+    data = json.loads(state.read_text())
+    assert data["tree"]["iter_num"] == {"value": 250}
+    data["tree"]["iter_num"] = {"value": 999}
+    state.write_text(json.dumps(data))
+    code, err = cli("to-checkpoint", tmp_path / "bundle", "--out", tmp_path / "back.pt")
+    assert code != 0 and "training/state.json does not match manifest.json" in error_line(err)
+    assert not (tmp_path / "back.pt").exists()
+
+
 def test_with_training_state_is_refused_for_a_source_without_one(tmp_path):
     write_llama2c(tmp_path / "model.bin")
     code, err = cli("export", tmp_path / "model.bin", "--stages", "hf", "--with-training-state", "--out", tmp_path / "b")
