@@ -31,9 +31,11 @@ GRAPHS: dict[str, tuple[str, str]] = {
     "int8": ("model_int8.onnx", "int8"),
 }
 GENAI_CONFIG = "genai_config.json"
-# genai model types whose decoder takes our I/O names (DESIGN.md §4) with separate key/value
-# caches; "gpt2" selects genai's Gpt_Model, the others its DecoderOnly_Model.
-GENAI_TYPES = frozenset({"llama", "mistral", "qwen2", "phi3", "gpt2"})
+# HF model_type → genai model type. Every one selects genai's DecoderOnly model, which takes
+# our I/O names (DESIGN.md §4) with separate key/value caches. genai's own "gpt2" type is a
+# different model class that fails on them ("Model input was not found"), so GPT-2 graphs
+# run as the generic "decoder"; an architecture not listed does too.
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3", "gpt2": "decoder"}
 
 
 def present_graphs(root: Path) -> dict[str, str]:
@@ -76,7 +78,7 @@ def genai_config(hf, *, filename: str) -> dict[str, Any]:
     context = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
     eos = hf.eos_token_id if hf.eos_token_id is not None else -1
     pad = hf.pad_token_id if hf.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    model_type = hf.model_type if hf.model_type in GENAI_TYPES else "decoder"
+    model_type = GENAI_TYPES.get(hf.model_type, "decoder")
     decoder = {
         "filename": filename, "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "hidden_size": hf.hidden_size, "num_attention_heads": hf.num_attention_heads,
