@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..exporters.errors import ConfigError, ExportlineError, NotAvailable
-from ..exporters.measure import current_rss_bytes
+from exportline.exporters.core.errors import ConfigError, ExportlineError, NotAvailable
+from exportline.exporters.core.measure import current_rss_bytes
 
 # Backend → precision of its weights (the roofline's bytes per weight), in report order.
 PRECISION: dict[str, str] = {
@@ -75,9 +75,9 @@ def runner_options(backend: str, *, device: str, threads: int) -> dict[str, Any]
 
 def default_factory() -> RunnerFactory:
     try:
-        from ..verify.runners import make_runner
+        from exportline.verify.runtime import make_runner
     except ImportError:
-        raise NotAvailable("the runner registry (exportline.verify.runners.make_runner) is not in this "
+        raise NotAvailable("the runner registry (exportline.verify.runtime.make_runner) is not in this "
                            "build; install a complete exportline") from None
     return make_runner
 

@@ -13,17 +13,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..exporters.bundle import Bundle
-from ..exporters.errors import ArtifactError, ConfigError, ExportlineError, NotAvailable
-from ..exporters.shapes import KVLayout
-from . import roofline
-from .backends import PRECISION, REFERENCE, RunnerFactory, close_backend, default_factory, open_backend
-from .compare import Comparison, compare, load_report
-from .environment import environment, load_average, physical_cores
-from .report import FORMAT, write_reports
-from .stats import PERCENTILE_METHOD, percentile, summarize
-from .timing import Device, time_runs
-from .workloads import WORKLOADS, Point, grid, prepare
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.errors import ArtifactError, ConfigError, ExportlineError, NotAvailable
+from exportline.exporters.core.shapes import KVLayout
+from exportline.bench import roofline
+from exportline.bench.backends import PRECISION, REFERENCE, RunnerFactory, close_backend, default_factory, open_backend
+from exportline.bench.compare import Comparison, compare, load_report
+from exportline.bench.environment import environment, load_average, physical_cores
+from exportline.bench.report import FORMAT, write_reports
+from exportline.bench.stats import PERCENTILE_METHOD, percentile, summarize
+from exportline.bench.timing import Device, time_runs
+from exportline.bench.workloads import WORKLOADS, Point, grid, prepare
 
 Progress = Callable[[str], None]
 

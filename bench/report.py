@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from ..exporters.bundle import write_text_atomic
-from ..exporters.errors import OutputError
+from exportline.exporters.core.bundle import write_text_atomic
+from exportline.exporters.core.errors import OutputError
 
 FORMAT = "exportline-bench/1"
 FILES = ("bench.json", "bench.md", "bench.png")

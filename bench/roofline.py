@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from ..exporters.shapes import KVLayout
-from .workloads import Point
+from exportline.exporters.core.shapes import KVLayout
+from exportline.bench.workloads import Point
 
 CPU_RUN = "not measured: CPU run"
 # Bytes per weight/KV element by backend precision; int8 keeps KV and norms in float, so

@@ -1,4 +1,4 @@
-"""The files outside tools read (exporters/consumer_files.py, hf_compat.py), without the tools:
+"""The files outside tools read (exporters/core/consumer_files.py, sources/hf_compat.py), without the tools:
 fast checks of what the slow tests/test_consumers.py proves end to end."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from exportline.exporters.consumer_files import GRAPHS, genai_overlay, transformers_js_config, write_consumer_files
-from exportline.exporters.hf_compat import legacy_rope_fields, portable_config, portable_tokenizer_config
+from exportline.exporters.core.consumer_files import GRAPHS, genai_overlay, transformers_js_config, write_consumer_files
+from exportline.exporters.sources.hf_compat import legacy_rope_fields, portable_config, portable_tokenizer_config
 
 
 def test_legacy_rope_fields_beside_rope_parameters():
@@ -53,10 +53,10 @@ def test_consumer_files_name_only_graphs_that_exist(tmp_path):
 def test_adding_a_graph_reruns_no_earlier_stage(tmp_path):
     """config.json gains a transformers.js entry when fp16 lands; the stages that read
     config.json hash it without that block, so nothing before fp16 runs again."""
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
-    from exportline.exporters.presets import load_preset
-    from exportline.exporters.sources import PresetSource
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
+    from exportline.exporters.core.presets import load_preset
+    from exportline.exporters.sources.preset.source import PresetSource
 
     source = PresetSource(load_preset("tiny"))
     run_pipeline(Bundle(tmp_path), source, stages=["hf", "onnx"])

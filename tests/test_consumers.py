@@ -25,11 +25,12 @@ from consumer_envs import node_dir, v4_python
 from deploy_bundle import exportline_cmd
 from hub_server import HubServer
 
-from exportline.exporters.bundle import Bundle
-from exportline.exporters.consumer_files import GRAPHS, present_graphs
-from exportline.exporters.pipeline import run_pipeline
-from exportline.exporters.presets import config_dir, load_preset
-from exportline.exporters.sources import PresetSource, resolve_source
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.consumer_files import GRAPHS, present_graphs
+from exportline.exporters.core.pipeline import run_pipeline
+from exportline.exporters.core.presets import config_dir, load_preset
+from exportline.exporters.sources import resolve_source
+from exportline.exporters.sources.preset.source import PresetSource
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from deploy_bundle import exportline_cmd
 from exportline.deploy.card_check import check_card
 from exportline.deploy.prepare import prepare_bundle
-from exportline.exporters.bundle import Bundle
+from exportline.exporters.core.bundle import Bundle
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from exportline.exporters.fp16_stage import FLOAT32_OPS, angle_nodes, norm_nodes
-from exportline.exporters.graph_walk import GraphIndex
+from exportline.exporters.stages.fp16 import FLOAT32_OPS, angle_nodes, norm_nodes
+from exportline.exporters.onnx.graph_index import GraphIndex
 from exportline.exporters.sources import resolve_source
-from exportline.verify.bundle import verify_bundle
+from exportline.verify.suite import verify_bundle
 
 from quant_models import export_bundle, stage_info
 

@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exportline.exporters.calibration import HELDOUT_EVERY, calibration_path, split_text
-from exportline.exporters.errors import ConfigError
-from exportline.exporters.graph_walk import GraphIndex
-from exportline.exporters.int8_stage import STAGE as INT8, lm_head_nodes, weight_matmuls
-from exportline.exporters.qdq_form import qdq_form_problems
-from exportline.exporters.tokenizer import default_corpus
-from exportline.verify.bundle import verify_bundle
+from exportline.exporters.precision.calibration import HELDOUT_EVERY, calibration_path, split_text
+from exportline.exporters.core.errors import ConfigError
+from exportline.exporters.onnx.graph_index import GraphIndex
+from exportline.exporters.stages.int8 import STAGE as INT8, lm_head_nodes, weight_matmuls
+from exportline.exporters.precision.qdq_form import qdq_form_problems
+from exportline.exporters.sources.tokenizer import default_corpus
+from exportline.verify.suite import verify_bundle
 
 from quant_models import FolderSource, export_bundle, stage_info, train_tiny_llama, write_tiny_gpt2, write_tokenizer
 
@@ -229,9 +229,9 @@ def _smoothed_logits_change(root, tmp_path, expect_groups: int) -> float:
     import onnxruntime as ort
     from transformers import AutoConfig
 
-    from exportline.exporters.graph_io import load_graph, save_graph
-    from exportline.exporters.shapes import KVLayout
-    from exportline.exporters.smoothing import apply, find_groups
+    from exportline.exporters.onnx.external_data import load_graph, save_graph
+    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.precision.smoothing import apply, find_groups
 
     model = load_graph(root / "onnx" / "model.onnx", infer=False)
     groups = find_groups(model, set(weight_matmuls(model)))
@@ -277,9 +277,9 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
-    from exportline.exporters import int8_stage
-    from exportline.exporters.bundle import sha256_file
-    from exportline.exporters.errors import StageError
+    from exportline.exporters.stages import int8 as int8_stage
+    from exportline.exporters.core.bundle import sha256_file
+    from exportline.exporters.core.errors import StageError
 
     def asymmetric(model_path, out_path, ranges, nodes):
         cache = out_path.parent / "ranges.json"
@@ -294,8 +294,8 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
     before = sha256_file(root / "onnx" / "model_int8.onnx")
     monkeypatch.setattr(int8_stage, "quantize", asymmetric)
     with pytest.raises(StageError, match="not in TensorRT's form") as err:
-        from exportline.exporters.bundle import Bundle
-        from exportline.exporters.pipeline import run_pipeline
+        from exportline.exporters.core.bundle import Bundle
+        from exportline.exporters.core.pipeline import run_pipeline
 
         run_pipeline(Bundle(root), _bundle_source(root), stages=["int8"], force=True)
     assert "uint8" in str(err.value) and "\n" not in str(err.value)
@@ -308,7 +308,7 @@ def test_cli_missing_calibration_file_is_one_line(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-c", "from exportline.exporters.cli import main; main()", "export", "tiny",
+        [sys.executable, "-c", "from exportline.exporters.cli.app import main; main()", "export", "tiny",
          "--out", str(tmp_path / "b"), "--stages", "int8", "--calibration-data", str(tmp_path / "nope.txt")],
         capture_output=True, text=True, timeout=120,
     )
@@ -336,11 +336,11 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
     from onnxruntime.quantization.calibrate import create_calibrator
     from transformers import AutoConfig
 
-    from exportline.exporters.activation_stats import channel_absmax
-    from exportline.exporters.calibration import load_tokenizer, spread
-    from exportline.exporters.graph_io import load_graph
-    from exportline.exporters.int8_stage import KVCalibrationReader, activation_channels
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.precision.activation_stats import channel_absmax
+    from exportline.exporters.precision.calibration import load_tokenizer, spread
+    from exportline.exporters.onnx.external_data import load_graph
+    from exportline.exporters.stages.int8 import KVCalibrationReader, activation_channels
+    from exportline.exporters.core.shapes import KVLayout
 
     root, _ = trained
     source = root / "onnx" / "model.onnx"
@@ -364,9 +364,9 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
 def test_no_tokenizer_means_int8_not_available(tmp_path, monkeypatch):
     """A model shipped without a tokenizer cannot be calibrated on text: the stage is
     recorded as skipped with the reason, not failed with a missing-file message."""
-    from exportline.exporters import int8_stage
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
+    from exportline.exporters.stages import int8 as int8_stage
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
 
     root = tmp_path / "b"
     (root / "onnx").mkdir(parents=True)

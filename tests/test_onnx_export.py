@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exportline.exporters.bundle import Bundle
-from exportline.exporters.errors import ArtifactError, SourceError, UnsupportedArchitecture
-from exportline.exporters.onnx_export import ARCHITECTURES, DATA_FILE, MODEL_FILE, OPSET
-from exportline.exporters.onnx_files import check_onnx_files
-from exportline.exporters.onnx_replicate import TRACE_LAYERS
-from exportline.exporters.pipeline import run_pipeline
-from exportline.exporters.presets import load_preset, load_thresholds
-from exportline.exporters.shapes import KVLayout
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.errors import ArtifactError, SourceError, UnsupportedArchitecture
+from exportline.exporters.onnx.export import ARCHITECTURES, DATA_FILE, MODEL_FILE, OPSET
+from exportline.exporters.onnx.files_check import check_onnx_files
+from exportline.exporters.onnx.replicate import TRACE_LAYERS
+from exportline.exporters.core.pipeline import run_pipeline
+from exportline.exporters.core.presets import load_preset, load_thresholds
+from exportline.exporters.core.shapes import KVLayout
 from exportline.exporters.sources import PresetSource
-from exportline.verify.metrics import compare
+from exportline.verify.checks.metrics import compare
 
 # One tiny model per supported architecture (optimum's habit: a registered architecture
 # without a test model fails test_every_architecture_has_a_test_model). "preset" = exported
@@ -194,7 +194,7 @@ def test_greedy_generation_with_kv_cache_is_token_identical_to_hf(exported):
     import torch
 
     from exportline.verify.generate import Sampling, generate
-    from exportline.verify.runners.onnx_runner import OnnxRuntimeRunner
+    from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
 
     root, _, ref, _ = exported
     layout = KVLayout.from_config(ref.config)
@@ -255,7 +255,7 @@ def _initializers(root: Path) -> dict[str, bytes]:
 
 
 def test_copied_layers_make_the_graph_a_full_trace_makes(tmp_path, monkeypatch):
-    from exportline.exporters import onnx_replicate
+    from exportline.exporters.onnx import replicate as onnx_replicate
 
     copied, full = tmp_path / "copied", tmp_path / "full"
     for root in (copied, full):

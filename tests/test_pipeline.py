@@ -9,10 +9,10 @@ import types
 
 import pytest
 
-from exportline.exporters import pipeline
-from exportline.exporters.bundle import Bundle, sha256_file
-from exportline.exporters.errors import NotAvailable, OutputError, StageError
-from exportline.exporters.pipeline import Stage, run_pipeline
+from exportline.exporters.core import pipeline
+from exportline.exporters.core.bundle import Bundle, sha256_file
+from exportline.exporters.core.errors import NotAvailable, OutputError, StageError
+from exportline.exporters.core.pipeline import Stage, run_pipeline
 
 CALLS: list[str] = []
 

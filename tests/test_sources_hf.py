@@ -8,7 +8,7 @@ import torch
 from sources_fixtures import cli, error_line
 
 from exportline.exporters.sources import PresetSource, resolve_source
-from exportline.verify.bundle import verify_bundle
+from exportline.verify.suite import verify_bundle
 
 
 def _export(src, out, *extra):
@@ -83,7 +83,7 @@ def test_resolve_source_kinds(tmp_path):
 def test_greedy_row_allows_only_a_flip_at_a_near_tie():
     import numpy as np
 
-    from exportline.verify.hf_check import GREEDY_STEPS, _greedy_row
+    from exportline.verify.checks.hf import GREEDY_STEPS, _greedy_row
 
     thresholds = {"fp32": {"max_abs_over_max_ref": 1e-5, "greedy_identical": True}}
     want = [1] * GREEDY_STEPS

@@ -10,10 +10,11 @@ import pytest
 import torch
 from sources_fixtures import cli, write_llama2c
 
-from exportline.exporters import llama2c
-from exportline.verify.bundle import verify_bundle
-from exportline.verify.hf_check import logit_cases
-from exportline.verify.reference import Llama2cReference, hf_logits, load_hf_model
+from exportline.exporters.sources.llama2c import convert as llama2c
+from exportline.verify.suite import verify_bundle
+from exportline.verify.checks.hf import logit_cases
+from exportline.exporters.sources.llama2c.reference import Llama2cReference
+from exportline.verify.reference import hf_logits, load_hf_model
 
 
 def _export(src, out, *extra):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_meta
 
-from exportline.verify.bundle import verify_bundle
-from exportline.verify.hf_check import logit_cases
-from exportline.verify.reference import NanoGPTReference, hf_logits, load_hf_model
+from exportline.verify.suite import verify_bundle
+from exportline.verify.checks.hf import logit_cases
+from exportline.exporters.sources.nanogpt.reference import NanoGPTReference
+from exportline.verify.reference import hf_logits, load_hf_model
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 

@@ -12,8 +12,8 @@ TINY = {"model": {"hidden_size": 32, "intermediate_size": 64, "num_attention_hea
 
 def build_tiny_bundle(root: Path) -> Path:
     """The real hf and onnx stages: config, safetensors, tokenizer, onnx/model.onnx(+_data)."""
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
     from exportline.exporters.sources import resolve_source
 
     run_pipeline(Bundle(root), resolve_source("tiny", TINY), stages=["hf", "onnx"])
