@@ -3,8 +3,10 @@ repository (~/.cache/exportline-tests, or $EXPORTLINE_TEST_CACHE) and reused:
 
 - a venv with transformers 4.x, as optimum-onnx pins it, plus optimum-onnx and
   onnxruntime-genai (PyPI only; torch pinned to the CPU build, DESIGN.md §8);
-- node_modules with transformers.js (`npm install --ignore-scripts`: its onnxruntime-node
-  CPU binaries ship inside the package, nothing is downloaded at run time).
+- node_modules with transformers.js, the current major and 3.x (still what many apps ship;
+  it needs config.json's `kv_cache_dtype` for fp16 graphs), one folder each
+  (`npm install --ignore-scripts`: onnxruntime-node's CPU binaries ship inside the package,
+  nothing is downloaded at run time).
 
 `python tests/consumer_envs.py` installs both ahead of the tests (.ci/run does this).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 CACHE = Path(os.environ.get("EXPORTLINE_TEST_CACHE", "~/.cache/exportline-tests")).expanduser()
 # optimum-onnx 0.1.0 pins transformers 4.57: the 4.x line serving stacks still run.
 V4_REQUIREMENTS = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "onnxruntime-genai==0.18.0")
-JS_PACKAGE = "@huggingface/transformers@4.3.2"
+JS_VERSIONS = ("4.3.2", "3.8.1")  # @huggingface/transformers
 
 
 @contextmanager
@@ -57,24 +59,25 @@ def v4_python() -> Path:
     return venv / "bin" / "python"
 
 
-def node_dir() -> Path:
-    """The cached folder whose node_modules holds transformers.js, installed on first use.
-    Raises when node/npm are missing: CI installs them (.ci/run), so a test must not skip."""
+def node_dir(version: str) -> Path:
+    """The cached folder whose node_modules holds transformers.js `version`, installed on first
+    use. Raises when node/npm are missing: CI installs them (.ci/run), so a test must not skip."""
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(f"{' and '.join(missing)} not found; install Node.js (.ci/run does: apt-get install nodejs npm)")
-    folder = CACHE / "node"
-    marker = folder / ".exportline-installed"
+    folder = CACHE / "node" / f"transformers-{version}"
+    marker, package = folder / ".exportline-installed", f"@huggingface/transformers@{version}"
     with _locked("node"):
-        if not (marker.is_file() and marker.read_text() == JS_PACKAGE):
+        if not (marker.is_file() and marker.read_text() == package):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "package.json").write_text(json.dumps({"name": "exportline-consumer-tests", "private": True,
                                                              "type": "module"}))
-            _run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund", JS_PACKAGE], cwd=folder)
-            marker.write_text(JS_PACKAGE)
+            _run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund", package], cwd=folder)
+            marker.write_text(package)
     return folder
 
 
 if __name__ == "__main__":
     print(v4_python())
-    print(node_dir())
+    for version in JS_VERSIONS:
+        print(node_dir(version))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer_envs import node_dir, v4_python
+from consumer_envs import JS_VERSIONS, node_dir, v4_python
 from deploy_bundle import exportline_cmd
 from hub_server import HubServer
 
@@ -218,10 +218,11 @@ def pushed(bundle, tmp_path_factory):
         yield server, repo, env
 
 
-def test_transformers_js_from_the_hub(bundle, pushed, tmp_path):
+@pytest.mark.parametrize("version", JS_VERSIONS)
+def test_transformers_js_from_the_hub(bundle, pushed, tmp_path, version):
     arch, _, ref = bundle
     server, repo, _ = pushed
-    folder = node_dir()
+    folder = node_dir(version)
     script = folder / "exportline_consumer.mjs"  # beside node_modules, so the import resolves there
     shutil.copyfile(HERE / "transformers_js.mjs", script)
     args = {"host": server.url, "repo": repo, "cache_dir": str(tmp_path / "js-cache"), "prompt": ref["prompt"],

@@ -53,10 +53,8 @@ def transformers_js_config(graphs: dict[str, str]) -> dict[str, Any]:
     fp16: `kv_cache_dtype` says so to transformers.js 3.x (4.x reads the graph's input types).
     """
     block: dict[str, Any] = {"use_external_data_format": {graphs[p]: 1 for p in graphs}}
-    if "fp32" in graphs:
-        block["dtype"] = GRAPHS["fp32"][1]
-    elif graphs:
-        block["dtype"] = GRAPHS[next(iter(graphs))][1]
+    if graphs:  # the first of GRAPHS present: fp32 whenever it exists
+        block["dtype"] = GRAPHS[next(p for p in GRAPHS if p in graphs)][1]
     if "int8" in graphs:
         block["device_config"] = {"wasm": {"dtype": GRAPHS["int8"][1]}}
     if "fp16" in graphs:
