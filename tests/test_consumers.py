@@ -262,3 +262,16 @@ def test_transformers4_reads_every_architecture_like_5(tmp_path):
         got = out["transformers"]["fp32"]
         assert got["encoded"] == refs[arch]["prompt"], arch
         _check(f"transformers {got['version']}", arch, refs[arch], {"fp32": got})
+
+
+def test_onnxruntime_genai_runs_the_other_architectures(tmp_path):
+    """Mistral and Phi-3 (the bundles above cover Llama, GPT-2, Qwen2): genai_config.json as
+    written runs their fp32 and fp16 graphs with transformers' greedy tokens."""
+    names = [name for name in MODELS if name not in BUNDLED and MODELS[name][0] in ("mistral", "phi3")]
+    roots = {name: _build(tmp_path / name, name, ["hf", "onnx", "fp16"]) for name in names}
+    refs = {name: _reference(root) for name, root in roots.items()}
+    graphs = {p: GRAPHS[p][0] for p in ("fp32", "fp16")}
+    jobs = [{"root": str(root), "prompt": refs[name]["prompt"], "steps": STEPS, "graphs": graphs, "tools": ["genai"]}
+            for name, root in roots.items()]
+    for name, out in zip(roots, _v4_tools(jobs)):
+        _check("onnxruntime-genai", name, refs[name], out["genai"])

@@ -48,9 +48,10 @@ def genai(root, prompt, steps, file_name):
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)
     last = np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1)
-    while not generator.is_done():
+    tokens = []
+    while not generator.is_done():  # get_sequence leaves a final EOS out; the token picked does not
         generator.generate_next_token()
-    tokens = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+        tokens.append(int(generator.get_next_tokens()[0]))
     return {"logits_last": last.tolist(), "tokens": tokens}
 
 
