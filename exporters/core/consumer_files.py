@@ -98,7 +98,7 @@ def genai_config(hf, *, filename: str) -> dict[str, Any]:
 
 
 def write_consumer_files(root: Path) -> list[str]:
-    """Bring config.json's transformers.js block and the genai configs in line with the
+    """Bring config.json's transformers.js block and genai_config.json in line with the
     graphs present; returns the paths written or removed (nothing when already true)."""
     root = Path(root)
     config_path = root / "config.json"
