@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exportline.deploy.reports import BENCH_JSON, VERIFY_JSON, BenchSummary, VerifySummary, read_bench, read_verify
 from exportline.exporters.core.bundle import MANIFEST, Bundle
 from exportline.exporters.core.errors import ArtifactError
-from exportline.deploy.reports import BENCH_JSON, VERIFY_JSON, BenchSummary, VerifySummary, read_bench, read_verify
+from exportline.exporters.core.layout import CARD, GRAPHS
 
-README = "README.md"
+README = CARD
 SECTIONS = ("Model details", "Intended use and limitations", "How to use", "Evaluation", "Performance", "Files")
 PLACEHOLDER = re.compile(r"\bTBD\b|\bTODO\b|More Information Needed", re.IGNORECASE)
 RANDOM_INIT_MARK = "**Random-init weights.**"
 _TASK = "text-generation"
-ONNX_VARIANTS = {"onnx/model.onnx": "ONNX fp32 with KV cache", "onnx/model_fp16.onnx": "ONNX fp16",
-                 "onnx/model_int8.onnx": "ONNX int8 (Q/DQ)"}
+ONNX_VARIANTS = {g.path: g.description for g in GRAPHS.values()}
 _VERIFY_DATASET = ("exportline-verify", "exportline verification inputs (seeded, float64 reference)")
 _BENCH_DATASET = ("exportline-bench", "exportline benchmark workloads (synthetic token ids)")
 
@@ -81,7 +81,7 @@ def tags(inp: CardInputs) -> list[str]:
     found = ["exportline", _TASK] + ([inp.config["model_type"]] if inp.config.get("model_type") else [])
     if any(inp.has(rel) for rel in ONNX_VARIANTS):
         found.append("onnx")
-    found += [tag for rel, tag in (("onnx/model_fp16.onnx", "fp16"), ("onnx/model_int8.onnx", "int8")) if inp.has(rel)]
+    found += [tag for rel, tag in ((GRAPHS[p].path, p) for p in ("fp16", "int8")) if inp.has(rel)]
     if inp.engines():
         found.append("tensorrt")
     if inp.random_init:
@@ -248,7 +248,7 @@ def _how_to_use(inp: CardInputs) -> list[str]:
              f'model = AutoModelForCausalLM.from_pretrained("{where}")',
              'ids = tokenizer("Hello", return_tensors="pt").input_ids',
              "print(tokenizer.decode(model.generate(ids, max_new_tokens=16)[0]))", "```", ""]
-    if inp.has("onnx/model.onnx"):
+    if inp.has(GRAPHS["fp32"].path):
         lines += ["ONNX Runtime (`onnx/model.onnx`; inputs follow the optimum/transformers.js KV-cache names):", "",
                   "```python", "import numpy as np, onnxruntime as ort",
                   'session = ort.InferenceSession("onnx/model.onnx")',

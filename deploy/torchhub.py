@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from exportline.exporters.core.bundle import write_text_atomic
+from exportline.exporters.core.layout import HUBCONF
 
-HUBCONF = "hubconf.py"
 TEMPLATE = Path(__file__).with_name("hubconf_template.py")
 
 

@@ -19,13 +19,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
-from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 from exportline.deploy.engines import EngineCheck, check_engine
+from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.layout import GRAPHS
+from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 FILENAMES = {"onnx": "model.onnx", "tensorrt": "model.plan"}
-ONNX_BY_PRECISION = {"fp32": "onnx/model.onnx", "fp16": "onnx/model_fp16.onnx", "int8": "onnx/model_int8.onnx"}
+ONNX_BY_PRECISION = {p: g.path for p, g in GRAPHS.items()}
 EXTERNAL_DATA = "model.onnx_data"
 # onnx.TensorProto element type → Triton DataType (model_config.proto)
 _TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",

@@ -102,9 +102,10 @@ class FolderSource:
 
 def export_bundle(root: Path, source, stages: list[str], **options):
     from exportline.exporters.core.bundle import Bundle
-    from exportline.exporters.core.pipeline import run_pipeline
+    from exportline.exporters.core.pipeline import ExportOptions, run_pipeline
+    from exportline.exporters.stages import STAGES
 
-    return run_pipeline(Bundle(root), source, stages=stages, options=options)
+    return run_pipeline(Bundle(root), source, stages=[STAGES[s] for s in stages], options=ExportOptions(**options))
 
 
 def stage_info(root: Path, stage: str) -> dict:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from exportline.exporters.core.consumer_files import GRAPHS, genai_overlay, transformers_js_config, write_consumer_files
+from exportline.exporters.core.consumer_files import genai_overlay, transformers_js_config, write_consumer_files
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.sources.hf_compat import legacy_rope_fields, portable_config, portable_tokenizer_config
 
 
@@ -35,13 +36,13 @@ def test_consumer_files_name_only_graphs_that_exist(tmp_path):
     assert set(write_consumer_files(tmp_path)) == {"config.json", "genai_config.json"}
     assert write_consumer_files(tmp_path) == []  # idempotent: a rerun changes nothing
     block = json.loads((tmp_path / "config.json").read_text())["transformers.js_config"]
-    assert block == transformers_js_config({"fp32": "model.onnx", "int8": "model_int8.onnx"})
+    assert block == transformers_js_config({"fp32": "onnx/model.onnx", "int8": "onnx/model_int8.onnx"})
     assert block["use_external_data_format"] == {"model.onnx": 1, "model_int8.onnx": 1}
     assert block["dtype"] == "fp32" and block["device_config"]["wasm"]["dtype"] == "int8"
     genai = json.loads((tmp_path / "genai_config.json").read_text())["model"]
     assert genai["decoder"]["filename"] == "onnx/model.onnx" and genai["type"] == "qwen2"
     assert (genai["decoder"]["num_key_value_heads"], genai["decoder"]["head_size"], genai["context_length"]) == (2, 8, 128)
-    assert json.loads(genai_overlay("int8"))["model"]["decoder"]["filename"] == f"onnx/{GRAPHS['int8'][0]}"
+    assert json.loads(genai_overlay("int8"))["model"]["decoder"]["filename"] == GRAPHS["int8"].path
     for p in (tmp_path / "onnx").iterdir():
         p.unlink()
     write_consumer_files(tmp_path)  # graphs gone: so are the configs naming them
@@ -57,11 +58,12 @@ def test_adding_a_graph_reruns_no_earlier_stage(tmp_path):
     from exportline.exporters.core.pipeline import run_pipeline
     from exportline.exporters.core.presets import load_preset
     from exportline.exporters.sources.preset.source import PresetSource
+    from exportline.exporters.stages import parse_stages
 
     source = PresetSource(load_preset("tiny"))
-    run_pipeline(Bundle(tmp_path), source, stages=["hf", "onnx"])
+    run_pipeline(Bundle(tmp_path), source, stages=parse_stages("hf,onnx"))
     before = json.loads((tmp_path / "config.json").read_text())["transformers.js_config"]
-    ran = run_pipeline(Bundle(tmp_path), source, stages=["hf", "onnx", "fp16"]).ran
+    ran = run_pipeline(Bundle(tmp_path), source, stages=parse_stages("hf,onnx,fp16")).ran
     assert [r.get("cached", False) for r in ran] == [True, True, False]
     after = json.loads((tmp_path / "config.json").read_text())["transformers.js_config"]
     assert set(before["use_external_data_format"]) == {"model.onnx"}

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer_envs import JS_VERSIONS, node_dir, v4_python
-from deploy_bundle import exportline_cmd
-from hub_server import HubServer
-
 from exportline.exporters.core.bundle import Bundle
-from exportline.exporters.core.consumer_files import GRAPHS, present_graphs
+from exportline.exporters.core.consumer_files import present_graphs
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import run_pipeline
 from exportline.exporters.core.presets import config_dir, load_preset
 from exportline.exporters.sources import resolve_source
 from exportline.exporters.sources.preset.source import PresetSource
+from exportline.exporters.stages import parse_stages
+
+from consumer_envs import JS_VERSIONS, node_dir, v4_python
+from deploy_bundle import exportline_cmd
+from hub_server import HubServer
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +98,7 @@ def _build(root: Path, arch: str, stages: list[str]) -> Path:
     else:
         _write_hf_folder(root.parent / f"{arch}-src", arch)
         source = resolve_source(str(root.parent / f"{arch}-src"))
-    run_pipeline(Bundle(root), source, stages=stages)
+    run_pipeline(Bundle(root), source, stages=parse_stages(",".join(stages)))
     return root
 
 
@@ -126,7 +128,7 @@ def _own_onnxruntime_tokens(root: Path, prompt: list[int]) -> dict[str, list[int
     config = AutoConfig.from_pretrained(root)
     out = {}
     for precision, graph in present_graphs(root).items():
-        with OnnxRuntimeRunner(root / "onnx" / graph) as runner:
+        with OnnxRuntimeRunner(root / graph) as runner:
             out[precision] = generate(runner, [prompt], layout=KVLayout.from_config(config), max_new_tokens=STEPS,
                                       eos_token_id=config.eos_token_id).tokens[0]
     return out
@@ -177,7 +179,7 @@ def _v4_tools(jobs: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def v4_results(bundle):
     arch, root, ref = bundle
-    graphs = {p: f for p, (f, _) in GRAPHS.items()}
+    graphs = {p: Path(g.path).name for p, g in GRAPHS.items()}
     job = {"root": str(root), "text": TEXT, "prompt": ref["prompt"], "steps": STEPS, "graphs": graphs,
            "tools": ["transformers", "optimum", "genai"]}
     return _v4_tools([job])[0]
@@ -270,7 +272,7 @@ def test_onnxruntime_genai_runs_the_other_architectures(tmp_path):
     names = [name for name in MODELS if name not in BUNDLED and MODELS[name][0] in ("mistral", "phi3")]
     roots = {name: _build(tmp_path / name, name, ["hf", "onnx", "fp16"]) for name in names}
     refs = {name: _reference(root) for name, root in roots.items()}
-    graphs = {p: GRAPHS[p][0] for p in ("fp32", "fp16")}
+    graphs = {p: Path(GRAPHS[p].path).name for p in ("fp32", "fp16")}
     jobs = [{"root": str(root), "prompt": refs[name]["prompt"], "steps": STEPS, "graphs": graphs, "tools": ["genai"]}
             for name, root in roots.items()]
     for name, out in zip(roots, _v4_tools(jobs)):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from exportline.exporters.core.errors import ConfigError
-from exportline.verify.checks.cases import positions
+from exportline.verify.cases import positions
 from exportline.verify.generate import Sampling, empty_past, generate, left_pad, pick
 from exportline.verify.runtime import make_runner
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
-from exportline.verify.checks.cases import build_cases
-from exportline.verify.checks.metrics import compare
-from exportline.verify.runtime import backend_names, make_runner
 from exportline.exporters.onnx.files_check import check_onnx_files
+from exportline.verify.cases import build_cases
+from exportline.verify.metrics import compare
+from exportline.verify.runtime import BACKENDS, make_runner
 from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
 from exportline.verify.runtime.torch_runner import TorchRunner
 
@@ -67,6 +67,7 @@ def test_onnxruntime_matches_torch_float64_on_a_decode_step(bundle, layout_and_c
         assert c.rel_l2 < 1e-5, (name, c)
 
 
+@pytest.mark.covers("backend:torch")
 def test_torch_runner_dtypes_and_given_model_untouched(bundle, layout_and_case):
     import torch
     from transformers import AutoModelForCausalLM
@@ -139,7 +140,7 @@ def test_truncated_files_are_one_line_artifact_errors(bundle, tmp_path):
 
 
 def test_registry_names_and_errors(bundle):
-    assert backend_names()[:4] == ["torch", "onnx", "onnx-fp16", "onnx-int8"]
+    assert list(BACKENDS)[:4] == ["torch", "onnx", "onnx-fp16", "onnx-int8"]
     with pytest.raises(ConfigError, match="unknown backend 'onnx-fp8'.*onnx-fp16"):
         make_runner(bundle, "onnx-fp8")
     # without TensorRT or a GPU: not available; with them, this bundle has no engine

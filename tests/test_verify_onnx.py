@@ -10,8 +10,8 @@ import pytest
 
 from exportline.exporters.core.bundle import Bundle, sha256_file
 from exportline.exporters.core.shapes import KVLayout
+from exportline.verify.cases import build_cases, positions
 from exportline.verify.suite import verify_bundle
-from exportline.verify.checks.cases import build_cases, positions
 
 from verify_helpers import copy_bundle, exportline_cmd, scale_initializer, shared_bundle
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError
 from exportline.exporters.core.shapes import KVLayout
-from exportline.verify.checks.cases import positions
+from exportline.verify.cases import positions
 from exportline.verify.runtime.base import Runner
 
 

@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable
 
 from exportline.exporters.core.bundle import Bundle
 from exportline.exporters.core.errors import ArtifactError, ConfigError
 from exportline.exporters.core.presets import load_thresholds
+from exportline.verify.checks import CHECKS
+from exportline.verify.checks.context import CheckContext
 from exportline.verify.report import StageReport, VerifyReport
-
-# Stage name → "module:function"; each function is `check(ctx: CheckContext) -> StageReport`.
-STAGE_CHECKS: dict[str, str] = {
-    "hf": "exportline.verify.checks.hf:check",
-    "onnx": "exportline.verify.checks.onnx:check",
-    "fp16": "exportline.verify.checks.quant:check_fp16",
-    "int8": "exportline.verify.checks.quant:check_int8",
-    "trt": "exportline.verify.checks.trt:check",
-}
-
-
-class CheckContext:
-    """What a stage check gets: the bundle, its manifest, the thresholds, a progress callback,
-    and check options (e.g. {"long": 64}: the long prefill / past length of the cases)."""
-
-    def __init__(
-        self, root: Path, manifest: dict, thresholds: dict, progress: Callable[[str], None],
-        options: dict | None = None,
-    ):
-        self.root = Path(root)
-        self.manifest = manifest
-        self.thresholds = thresholds
-        self.progress = progress
-        self.options = dict(options or {})
 
 
 def verify_bundle(
@@ -55,14 +32,14 @@ def verify_bundle(
     with bundle.lock():
         manifest = bundle.read_manifest()
         records = manifest.get("stages", {})
-        unknown = [n for n in stages or [] if n not in STAGE_CHECKS]
+        unknown = [n for n in stages or [] if n not in CHECKS]
         if unknown:
-            raise ConfigError(f"unknown stage {unknown[0]!r}; stages with checks: {', '.join(STAGE_CHECKS)}")
+            raise ConfigError(f"unknown stage {unknown[0]!r}; stages with checks: {', '.join(CHECKS)}")
         thresholds = _merge_preset_thresholds(load_thresholds(), manifest)
-        ctx = CheckContext(bundle.root, manifest, thresholds, progress, options)
+        ctx = CheckContext(bundle.root, manifest, thresholds, progress=progress, options=dict(options or {}))
         names = stages if stages is not None else list(records)
         reports = []
-        for name in [n for n in STAGE_CHECKS if n in names]:
+        for name in [n for n in CHECKS if n in names]:
             record = records.get(name, {})
             if record.get("status") == "skipped":
                 reports.append(StageReport(name, "skipped", reason=record.get("reason", "")))
@@ -71,9 +48,8 @@ def verify_bundle(
                 raise ArtifactError(
                     f"{root} has no finished {name} stage to verify; run: exportline export SOURCE --out {root} --stages {name}"
                 )
-            module, func = STAGE_CHECKS[name].split(":")
             progress(f"verify: {name}")
-            reports.append(getattr(importlib.import_module(module), func)(ctx))
+            reports.append(CHECKS[name](ctx))
         from exportline.exporters.core.doctor import environment_report
 
         report = VerifyReport(reports, environment_report())

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from exportline.exporters.cli.options import ForceOpt, OutOpt, SetOpt, TrustOpt, err
 from exportline.exporters.core.errors import ExportlineError
 
 app = typer.Typer(
@@ -20,13 +21,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
-
-# Option types declared once, reused by every command (huggingface_hub's habit).
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: out/<name>).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun stages whose inputs are unchanged.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the Python files of an HF folder (off by default).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value, e.g. model.num_hidden_layers=4.")]
 
 
 @app.command()
@@ -42,25 +36,26 @@ def export(
     trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
     trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to ship with a checkpoint that has none: tokenizer.json, a sentencepiece tokenizer.model or llama2.c's tokenizer.bin.")] = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from exportline.exporters.core.bundle import Bundle
-    from exportline.exporters.core.pipeline import parse_stages, run_pipeline
+    from exportline.exporters.core.pipeline import ExportOptions, run_pipeline
     from exportline.exporters.core.presets import parse_overrides
     from exportline.exporters.sources import resolve_source
+    from exportline.exporters.stages import parse_stages
 
     src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     bundle = Bundle(out or Path("out") / src.name)
-    options = {
-        "calibration_data": str(calibration_data) if calibration_data else None,
-        "trt_max_batch": trt_max_batch, "trt_max_sequence": trt_max_sequence, "trt_workspace_gib": trt_workspace_gib,
-    }
+    options = ExportOptions(
+        calibration_data=calibration_data, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
+        trt_workspace_gib=trt_workspace_gib,
+    )
     with err.status("exporting…") as status:
         result = run_pipeline(
             bundle, src, stages=parse_stages(stages), options=options, force=force,
-            require=tuple(parse_stages(require)) if require else (),
+            require=tuple(s.name for s in parse_stages(require, flag="--require")) if require else (),
             progress=lambda msg: (status.update(msg), err.print(msg)),
         )
     report = None
@@ -102,9 +97,9 @@ def doctor() -> None:
 
 def _register_subcommands() -> None:
     from exportline.exporters.cli.bench import register as register_bench
+    from exportline.exporters.cli.convert import register as register_convert
     from exportline.exporters.cli.deploy import register as register_deploy
     from exportline.exporters.cli.verify import register as register_verify
-    from exportline.exporters.cli.convert import register as register_convert
 
     for register in (register_convert, register_verify, register_bench, register_deploy):
         register(app)

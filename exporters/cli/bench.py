@@ -12,13 +12,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from exportline.exporters.cli.options import err
 from exportline.exporters.core.errors import BenchmarkFailed, ConfigError
+from exportline.verify.runtime.backends import BACKENDS
 
 # Option types declared once (huggingface_hub's habit); both commands share the gate's.
 BaselineOpt = Annotated[Optional[Path], typer.Option("--baseline", help="Earlier bench.json to compare with, point by point.")]
 FailOverOpt = Annotated[str, typer.Option("--fail-over", help="Exit non-zero when a point's median is slower than the baseline by more than this, e.g. 5%.")]
-BackendsOpt = Annotated[str, typer.Option(help="Comma-separated backends: torch,onnx,onnx-fp16,onnx-int8,trt-fp16,trt-int8.")]
-IntListOpt = Annotated[str, typer.Option()]
+ALL_BACKENDS = ",".join(BACKENDS)
+BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated backends: {','.join(BACKENDS)}.")]
 
 
 def _ints(option: str, text: str) -> tuple[int, ...]:
@@ -61,7 +63,7 @@ def _gate(lines: list[str], failed: bool, threshold: float, baseline: Path) -> N
 
 def bench(
     directory: Annotated[Path, typer.Argument(help="Exported bundle folder, e.g. out/100m.")],
-    backends: BackendsOpt = "torch,onnx,onnx-fp16,onnx-int8,trt-fp16,trt-int8",
+    backends: BackendsOpt = ALL_BACKENDS,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,8",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths (prefill, generate) and past lengths (decode).")] = "128,512",
@@ -76,13 +78,11 @@ def bench(
     fail_over: FailOverOpt = "5%",
 ) -> None:
     """Time prefill, KV-cache decode and generate for each backend; write DIR/reports/bench.*."""
-    from rich.console import Console
 
-    from exportline.bench.backends import parse_backends
     from exportline.bench.compare import parse_threshold
     from exportline.bench.harness import BenchConfig, bench_bundle
+    from exportline.verify.runtime.backends import parse_backends
 
-    err = Console(stderr=True)
     cfg = BenchConfig(
         backends=tuple(parse_backends(backends)), device=device, batches=_ints("--batch", batch),
         prompt_lens=_ints("--prompt-len", prompt_len), decode_len=decode_len, warmup=warmup, repeat=repeat,

@@ -10,15 +10,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from exportline.exporters.cli.options import BundleArg, RepoIdOpt, TokenOpt, err
 
-# Option types declared once (huggingface_hub's habit).
-BundleArg = Annotated[Path, typer.Argument(help="Bundle folder (an `exportline export` output).")]
-RepoIdOpt = Annotated[str, typer.Option("--repo-id", help="Hub repository, ORG/NAME.")]
-TokenOpt = Annotated[Optional[str], typer.Option(
-    "--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` store). Never printed or written.")]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the repo private; refuses an existing public one.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded (paths, sizes); upload nothing.")]
 DatasetOpt = Annotated[Optional[list[str]], typer.Option("--dataset", help="Dataset repo id to link (repeatable); kept in the manifest.")]

@@ -6,18 +6,16 @@ progress and timings on stderr (so `exportline generate … > out.txt` keeps onl
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from exportline.exporters.cli.options import BundleArg, err
+from exportline.verify.runtime.backends import backend_help
 
-BundleArg = Annotated[Path, typer.Argument(help="Bundle folder written by `exportline export`.")]
 StageOpt = Annotated[Optional[list[str]], typer.Option("--stage", help="Check only this stage (repeatable); default: every stage the manifest records.")]
 LongOpt = Annotated[int, typer.Option("--long", min=4, help="Long prefill / past length of the verification cases (DESIGN.md §6 asks ≥ 64).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="torch | onnx | onnx-fp16 | onnx-int8 (trt-* once built).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help=backend_help())]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", help="Prompt text (repeatable: one batch, left-padded).")]
 TokenIdsOpt = Annotated[Optional[list[str]], typer.Option("--token-ids", help="Comma-separated token ids instead of text (repeatable); for bundles without a tokenizer.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="New tokens per prompt (stops earlier at EOS).")]

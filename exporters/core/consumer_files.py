@@ -22,15 +22,11 @@ from typing import Any
 
 from exportline.exporters.core.bundle import write_text_atomic
 from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.layout import CONFIG, GENAI_CONFIG, GRAPHS
 
 JS_CONFIG_KEY = "transformers.js_config"
-# Graph precision → (file under onnx/, transformers.js dtype whose suffix names that file).
-GRAPHS: dict[str, tuple[str, str]] = {
-    "fp32": ("model.onnx", "fp32"),
-    "fp16": ("model_fp16.onnx", "fp16"),
-    "int8": ("model_int8.onnx", "int8"),
-}
-GENAI_CONFIG = "genai_config.json"
+# Graph precision → the transformers.js dtype whose file suffix names that graph.
+JS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
 # HF model_type → genai model type. Every one selects genai's DecoderOnly model, which takes
 # our I/O names (DESIGN.md §4) with separate key/value caches. genai's own "gpt2" type is a
 # different model class that fails on them ("Model input was not found"), so GPT-2 graphs
@@ -39,9 +35,9 @@ GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3":
 
 
 def present_graphs(root: Path) -> dict[str, str]:
-    """Precision → graph file name, for the graphs whose file and external data both exist."""
-    onnx = Path(root) / "onnx"
-    return {p: f for p, (f, _) in GRAPHS.items() if (onnx / f).is_file() and (onnx / f"{f}_data").is_file()}
+    """Precision → graph path in the bundle, for the graphs whose file and external data both exist."""
+    root = Path(root)
+    return {p: g.path for p, g in GRAPHS.items() if (root / g.path).is_file() and (root / g.data).is_file()}
 
 
 def transformers_js_config(graphs: dict[str, str]) -> dict[str, Any]:
@@ -52,19 +48,19 @@ def transformers_js_config(graphs: dict[str, str]) -> dict[str, Any]:
     and sends wasm to the int8 graph when there is one. fp16 graphs take the KV cache in
     fp16: `kv_cache_dtype` says so to transformers.js 3.x (4.x reads the graph's input types).
     """
-    block: dict[str, Any] = {"use_external_data_format": {graphs[p]: 1 for p in graphs}}
+    block: dict[str, Any] = {"use_external_data_format": {Path(graphs[p]).name: 1 for p in graphs}}
     if graphs:  # the first of GRAPHS present: fp32 whenever it exists
-        block["dtype"] = GRAPHS[next(p for p in GRAPHS if p in graphs)][1]
+        block["dtype"] = JS_DTYPES[next(p for p in GRAPHS if p in graphs)]
     if "int8" in graphs:
-        block["device_config"] = {"wasm": {"dtype": GRAPHS["int8"][1]}}
+        block["device_config"] = {"wasm": {"dtype": JS_DTYPES["int8"]}}
     if "fp16" in graphs:
-        block["kv_cache_dtype"] = {GRAPHS["fp16"][1]: "float16"}
+        block["kv_cache_dtype"] = {JS_DTYPES["fp16"]: "float16"}
     return block
 
 
 def genai_overlay(precision: str) -> str:
     """The JSON to pass to `og.Config.overlay` to run the `precision` graph instead."""
-    return json.dumps({"model": {"decoder": {"filename": f"onnx/{GRAPHS[precision][0]}"}}})
+    return json.dumps({"model": {"decoder": {"filename": GRAPHS[precision].path}}})
 
 
 def genai_config(hf, *, filename: str) -> dict[str, Any]:
@@ -101,7 +97,7 @@ def write_consumer_files(root: Path) -> list[str]:
     """Bring config.json's transformers.js block and genai_config.json in line with the
     graphs present; returns the paths written or removed (nothing when already true)."""
     root = Path(root)
-    config_path = root / "config.json"
+    config_path = root / CONFIG
     if not config_path.is_file():
         return []
     config = _read_config(config_path)
@@ -113,7 +109,7 @@ def write_consumer_files(root: Path) -> list[str]:
         wanted[JS_CONFIG_KEY] = transformers_js_config(graphs)
     if wanted != config:
         write_text_atomic(config_path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-        changed.append("config.json")
+        changed.append(CONFIG)
     path = root / GENAI_CONFIG
     default = next((p for p in GRAPHS if p in graphs), None)
     if default is None:
@@ -121,7 +117,7 @@ def write_consumer_files(root: Path) -> list[str]:
             path.unlink()
             changed.append(GENAI_CONFIG)
         return changed
-    text = json.dumps(genai_config(_hf_config(root), filename=f"onnx/{graphs[default]}"), indent=2) + "\n"
+    text = json.dumps(genai_config(_hf_config(root), filename=graphs[default]), indent=2) + "\n"
     if not path.is_file() or path.read_text() != text:
         write_text_atomic(path, text)
         changed.append(GENAI_CONFIG)

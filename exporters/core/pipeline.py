@@ -9,28 +9,17 @@ fingerprint is unchanged and whose outputs are intact is skipped.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from exportline.exporters.core.bundle import Bundle, _disk_hint, sha256_file
 from exportline.exporters.core.consumer_files import without_consumer_block, write_consumer_files
-from exportline.exporters.core.errors import ConfigError, ExportlineError, NotAvailable, OutputError, StageError
+from exportline.exporters.core.errors import ExportlineError, NotAvailable, OutputError, StageError
 from exportline.exporters.core.measure import measure
-
-# Stage name → "module:attribute" of its Stage object, in pipeline order. Modules import
-# lazily so that `exportline presets` does not pay for onnx, and trt imports without TensorRT.
-STAGE_ORDER: dict[str, str] = {
-    "hf": "exportline.exporters.stages.hf:STAGE",
-    "onnx": "exportline.exporters.stages.onnx:STAGE",
-    "fp16": "exportline.exporters.stages.fp16:STAGE",
-    "int8": "exportline.exporters.stages.int8:STAGE",
-    "trt": "exportline.exporters.stages.trt:STAGE",
-}
 
 
 class Source(Protocol):
@@ -45,12 +34,28 @@ class Source(Protocol):
     def write_hf(self, dest: Path, progress: Callable[[str], None]) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the user set for the stages; each stage's `options` picks the fields that
+    enter its fingerprint. None means the stage's own default."""
+
+    calibration_data: Path | None = None  # int8: text to calibrate on
+    opset: int | None = None  # onnx
+    trt_max_batch: int | None = None
+    trt_max_sequence: int | None = None
+    trt_workspace_gib: float | None = None
+    trt_timing_cache: Path | None = None  # default: ~/.cache/exportline (tied to the GPU)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
 @dataclass
 class StageContext:
     bundle: Bundle
     source: Source
     tmp: Path  # write here, with the bundle's layout (e.g. tmp / "onnx" / "model.onnx")
-    options: dict[str, Any] = field(default_factory=dict)
+    options: ExportOptions = field(default_factory=ExportOptions)
     progress: Callable[[str], None] = lambda message: None
 
     def bundle_file(self, rel: str) -> Path:
@@ -60,26 +65,14 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
+    """One export stage (the registry of them is exporters/stages/__init__.py)."""
+
     name: str
     run: Callable[[StageContext], dict[str, Any] | None]  # returns extra facts for the record
     inputs: Callable[[StageContext], list[str]]  # bundle-relative files the stage reads
     versions: tuple[str, ...] = ()  # distributions whose versions enter the fingerprint
-    options: Callable[[dict[str, Any]], dict[str, Any]] = lambda opts: {}  # the options it uses
-
-
-def load_stage(name: str) -> Stage:
-    if name not in STAGE_ORDER:
-        raise ConfigError(f"unknown stage {name!r}; stages are: {','.join(STAGE_ORDER)}")
-    module, attr = STAGE_ORDER[name].split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def parse_stages(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    for n in names:
-        if n not in STAGE_ORDER:
-            raise ConfigError(f"unknown stage {n!r}; stages are: {','.join(STAGE_ORDER)}")
-    return [n for n in STAGE_ORDER if n in names]  # pipeline order, whatever the user typed
+    options: Callable[[ExportOptions], dict[str, Any]] = lambda opts: {}  # the options it uses
+    description: str = ""
 
 
 def tool_versions(dists: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -131,8 +124,8 @@ def run_pipeline(
     bundle: Bundle,
     source: Source,
     *,
-    stages: list[str],
-    options: dict[str, Any] | None = None,
+    stages: list[Stage],
+    options: ExportOptions | None = None,
     force: bool = False,
     require: tuple[str, ...] = (),
     progress: Callable[[str], None] = lambda message: None,
@@ -143,7 +136,7 @@ def run_pipeline(
     `require`. Any other error stops the pipeline; files of the failed stage never reach
     the bundle.
     """
-    options = options or {}
+    options = options or ExportOptions()
     ran = []
     with bundle.lock():
         bundle.clean_tmp()
@@ -152,20 +145,21 @@ def run_pipeline(
         manifest["name"] = source.name
         manifest["source"] = source.describe()
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
-        for name in stages:
-            stage = load_stage(name)
-            record = _run_stage(bundle, source, stage, manifest, options, force, progress)
+        for stage in stages:
+            record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
             ran.append(record)
-            manifest.setdefault("stages", {})[name] = record
+            manifest.setdefault("stages", {})[stage.name] = record
             write_consumer_files(bundle.root)  # transformers.js/genai configs name the graphs now present
             manifest = bundle.write_manifest(manifest)
-            if record["status"] == "skipped" and name in require:
-                raise NotAvailable(f"stage {name} is required (--require) but {record['reason']}")
+            if record["status"] == "skipped" and stage.name in require:
+                raise NotAvailable(f"stage {stage.name} is required (--require) but {record['reason']}")
         bundle.clean_tmp()
     return PipelineResult(manifest=manifest, ran=ran)
 
 
-def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress) -> dict[str, Any]:
+def _run_stage(
+    bundle: Bundle, source: Source, stage: Stage, *, manifest: dict[str, Any],     options: ExportOptions, force: bool, progress: Callable[[str], None],
+) -> dict[str, Any]:
     known = {f["path"]: f for f in manifest.get("files", [])}
     ctx = StageContext(bundle=bundle, source=source, tmp=bundle.root, options=options, progress=progress)
     stage_options = stage.options(options)

@@ -147,7 +147,7 @@ def _kv_wrapper(model):
             super().__init__()
             self.lm = lm  # the attribute name is WRAPPER_PREFIX
 
-        def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values):  # noqa: PLR0917 (torch.export passes inputs positionally)
             cache = DynamicCache(config=self.lm.config)
             # The past becomes each layer's cache as is: `update` would concatenate it to an
             # empty tensor, adding per-layer nodes outside the decoder layers.
@@ -307,9 +307,9 @@ def export_onnx(
     hf_dir: Path, out_dir: Path, *, opset: int = OPSET, progress: Callable[[str], None] = lambda m: None
 ) -> OnnxExport:
     """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`."""
-    from exportline.exporters.sources.weights_reader import CheckpointWeights
     from exportline.exporters.onnx.replicate import TRACE_LAYERS, NotReplicable
     from exportline.exporters.onnx.weights import check_checkpoint_covers, save
+    from exportline.exporters.sources.weights_reader import CheckpointWeights
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

@@ -26,12 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 from exportline.exporters.core.errors import StageError
-from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
-from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import Stage, StageContext
+from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_fp16.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["fp16"].path
 KEEP_FLOAT32_IO = ("logits",)
 
 # Op types that always compute in float32 (DESIGN.md §4), besides the library's defaults

@@ -34,18 +34,19 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
 from exportline.exporters.core.errors import StageError
-from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
+from exportline.exporters.core.layout import GRAPHS
+from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph
-from exportline.exporters.core.pipeline import Stage, StageContext
-from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
+from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
 from exportline.exporters.precision.activation_stats import channel_absmax
+from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
+from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
 from exportline.exporters.precision.smoothing import apply as smooth
 from exportline.exporters.precision.smoothing import find_groups, input_axis
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_int8.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
@@ -130,7 +131,7 @@ def weight_matmuls(model) -> list[str]:
     ]
 
 
-def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: list[str]) -> None:
+def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], *, nodes: list[str]) -> None:
     """quantize_static of exactly `nodes` with the symmetric activation ranges `ranges`
     (tensor → max |x|), passed as an onnxruntime MinMax calibration cache so it runs no
     calibration of its own; writes `out_path` in its own file naming (re-saved later)."""
@@ -187,12 +188,12 @@ def _quiet():
 def _run(ctx: StageContext) -> dict[str, Any]:
     source = ctx.bundle_file(SOURCE)
     layout, max_positions = _layout(ctx)
-    text = calibration_path(ctx.options.get("calibration_data"))
+    text = calibration_path(ctx.options.calibration_data)
     split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
     try:
-        model, facts = _smooth_and_quantize(ctx, source, chunks, layout, scratch)
+        model, facts = _smooth_and_quantize(ctx, source, chunks, layout=layout, scratch=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     problems = qdq_form_problems(model)
@@ -213,7 +214,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratch: Path):
+def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, *, layout, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
@@ -229,7 +230,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
         readers[-1].drain()
 
     with _quiet():
-        stats = channel_absmax(source, graph, channels, scratch / "stats", run=run)
+        stats = channel_absmax(source, graph, channels, scratch=scratch / "stats", run=run)
     del graph
     model = load_graph(source, infer=False)
     smoothing, scales = smooth(model, groups, stats)
@@ -239,7 +240,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
     ranges = {x: float((stats[x] / scales[x]).max() if x in scales else stats[x].max()) for x in channels}
     (scratch / "quantized").mkdir()
     with _quiet():
-        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes)
+        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes=nodes)
     model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
     dedicated = dedicate_activation_qdq(model, nodes)
     return model, {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing, "calibration_feeds": readers[0].feeds}
@@ -310,9 +311,9 @@ def activation_channels(graph, nodes: list[str]) -> dict[str, int]:
     return out
 
 
-def _options(opts: dict[str, Any]) -> dict[str, Any]:
+def _options(opts: ExportOptions) -> dict[str, Any]:
     """What enters the fingerprint: the calibration text by content (None = the shipped corpus)."""
-    given = opts.get("calibration_data")
+    given = opts.calibration_data
     path = calibration_path(given)
     # absolute, so `exportline verify` finds the held-out text from any working directory
     return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),

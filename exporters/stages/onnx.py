@@ -8,8 +8,8 @@ from exportline.exporters.core.pipeline import Stage, StageContext
 
 
 def _inputs(ctx: StageContext) -> list[str]:
-    from exportline.exporters.sources.weights_reader import weight_files
     from exportline.exporters.onnx.export import check_architecture
+    from exportline.exporters.sources.weights_reader import weight_files
 
     check_architecture(ctx.bundle.root)
     return ["config.json", *weight_files(ctx.bundle.root)]
@@ -18,7 +18,7 @@ def _inputs(ctx: StageContext) -> list[str]:
 def _run(ctx: StageContext) -> dict[str, Any]:
     from exportline.exporters.onnx.export import export_onnx
 
-    result = export_onnx(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.get("opset") or _opset(), progress=ctx.progress)
+    result = export_onnx(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(), progress=ctx.progress)
     return result.record()
 
 
@@ -33,5 +33,5 @@ STAGE = Stage(
     run=_run,
     inputs=_inputs,
     versions=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"),
-    options=lambda opts: {"opset": opts.get("opset") or _opset()},
+    options=lambda opts: {"opset": opts.opset or _opset()},
 )

@@ -17,11 +17,21 @@ from typing import Any
 
 from exportline.exporters.core.bundle import sha256_file
 from exportline.exporters.core.errors import ConfigError, NotAvailable, StageError
-from exportline.exporters.core.pipeline import Stage, StageContext
+from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.core.shapes import KVLayout
 from exportline.exporters.tensorrt.engines import (
-    ENGINE_SOURCES, Target, build_metadata, collecting_logger, default_max_sequence, engine_filename,
-    engine_profiles, local_target, load_tensorrt, metadata_path, set_shape_calls, write_metadata,
+    ENGINE_SOURCES,
+    Target,
+    build_metadata,
+    collecting_logger,
+    default_max_sequence,
+    engine_filename,
+    engine_profiles,
+    load_tensorrt,
+    local_target,
+    metadata_path,
+    set_shape_calls,
+    write_metadata,
 )
 
 DEFAULT_MAX_BATCH = 8
@@ -47,10 +57,10 @@ def _target_label() -> str:
         return f"not available: {exc}"
 
 
-def _options(opts: dict[str, Any]) -> dict[str, Any]:
-    max_batch = opts.get("trt_max_batch") or DEFAULT_MAX_BATCH
-    max_sequence = opts.get("trt_max_sequence")  # None: from config.json, capped
-    workspace = opts.get("trt_workspace_gib") or DEFAULT_WORKSPACE_GIB
+def _options(opts: ExportOptions) -> dict[str, Any]:
+    max_batch = opts.trt_max_batch or DEFAULT_MAX_BATCH
+    max_sequence = opts.trt_max_sequence  # None: from config.json, capped
+    workspace = opts.trt_workspace_gib or DEFAULT_WORKSPACE_GIB
     if int(max_batch) < 1 or (max_sequence is not None and int(max_sequence) < 1) or float(workspace) <= 0:
         raise ConfigError(
             f"TensorRT limits must be positive: --trt-max-batch {max_batch}, "
@@ -62,16 +72,16 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def timing_cache_path(opts: dict[str, Any], target: Target) -> Path:
+def timing_cache_path(opts: ExportOptions, target: Target) -> Path:
     """Outside the bundle: tactic timings belong to this GPU, not to the model (a bundle
     is pushed to the Hub), and one cache serves every model built here."""
-    if opts.get("trt_timing_cache"):
-        return Path(opts["trt_timing_cache"])
+    if opts.trt_timing_cache:
+        return Path(opts.trt_timing_cache)
     base = os.environ.get("EXPORTLINE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
     return Path(base) / "tensorrt" / f"timing.{target.sm}.trt{target.tensorrt}.cache"
 
 
-def _parse(trt, builder, logger, onnx_path: Path):
+def _parse(trt, builder, logger, *, onnx_path: Path):
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file, not parse(bytes): the parser then resolves model.onnx_data beside it.
@@ -89,7 +99,7 @@ def _parse(trt, builder, logger, onnx_path: Path):
     return network, parser
 
 
-def _use_timing_cache(trt, config, path: Path, progress) -> None:
+def _use_timing_cache(trt, config, path: Path, *, progress) -> None:
     data = path.read_bytes() if path.is_file() else b""
     try:
         cache = config.create_timing_cache(data)
@@ -117,7 +127,7 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
     """Serialized engine and its I/O names for one strongly typed ONNX graph."""
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path)
+    network, _parser = _parse(trt, builder, logger, onnx_path=onnx_path)
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     declared = list(profiles[0].shapes)
@@ -135,7 +145,7 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
         if config.add_optimization_profile(trt_profile) < 0:
             reason = logger.errors[-1] if logger.errors else "invalid shapes"
             raise StageError(f"TensorRT refused the {profile.name} profile of {onnx_path.name}: {reason}")
-    _use_timing_cache(trt, config, timing_cache, progress)
+    _use_timing_cache(trt, config, timing_cache, progress=progress)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         reason = logger.errors[-1] if logger.errors else "no error reported"

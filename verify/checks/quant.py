@@ -18,10 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from exportline.exporters.precision.calibration import HELDOUT_EVERY, calibration_path, file_sha256, load_tokenizer, split_text, spread
 from exportline.exporters.core.errors import ConfigError
-from exportline.verify.suite import CheckContext
-from exportline.verify.checks.cases import Case, output_mask, positions_first
+from exportline.exporters.precision.calibration import (
+    HELDOUT_EVERY,
+    calibration_path,
+    file_sha256,
+    load_tokenizer,
+    split_text,
+    spread,
+)
+from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.checks.context import CheckContext
 from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
 from exportline.verify.runtime.backends import make_runner
@@ -43,7 +50,7 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     rows: list[CheckRow] = []
     with candidate:
         for case, feed, ref in expected:
-            rows += _fp16_rows(case, candidate.infer(feed), ref, logits_bounds)
+            rows += _fp16_rows(case, candidate.infer(feed), ref, logits_bounds=logits_bounds)
         tokens = greedy_tokens(candidate, layout, prompt)
     rows.append(greedy_row("fp16", reference_tokens, tokens, required=False))
     return StageReport.from_rows(
@@ -53,16 +60,16 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     )
 
 
-def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], logits_bounds: dict) -> list[CheckRow]:
+def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, logits_bounds: dict) -> list[CheckRow]:
     rows = []
     for name, expected in ref.items():
         bounds = logits_bounds if name == "logits" else {}
         if name not in out or np.shape(out[name]) != np.shape(expected):
             got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge("fp16", case.name, name, np.shape(expected), {}, bounds or {"rel_l2": 0.0}, note=f"output {got}"))
+            rows.append(judge("fp16", case.name, name, shape=np.shape(expected), metrics={}, bounds=bounds or {"rel_l2": 0.0}, note=f"output {got}"))
             continue
         rows.append(tensor_row(
-            "fp16", case.name, name, positions_first(name, out[name]), positions_first(name, expected), bounds,
+            "fp16", case.name, name, out=positions_first(name, out[name]), ref=positions_first(name, expected), bounds=bounds,
             mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
         ))
     return rows
@@ -138,13 +145,13 @@ def _int8_rows(scored: dict, *, bounds_ratio: float, bound_top1: float, shape: l
     for label, s in scored.items():
         metrics = {"perplexity": s["perplexity"], "perplexity_ratio": s["perplexity"] / base}
         bounds = {"perplexity_ratio": bounds_ratio} if label == "int8" else {}
-        rows.append(judge("int8", f"held-out text, {label} graph", "perplexity", shape, metrics, bounds))
+        rows.append(judge("int8", f"held-out text, {label} graph", "perplexity", shape=shape, metrics=metrics, bounds=bounds))
     for label in ("fp16", "int8"):
         if label in scored:
             agree = float((scored[label]["argmax"] == scored["fp32"]["argmax"]).mean())
             bounds = {"top1": bound_top1} if label == "int8" else {}
-            rows.append(judge("int8", f"held-out text, {label} vs fp32", "logits argmax", shape, {"top1": agree}, bounds))
+            rows.append(judge("int8", f"held-out text, {label} vs fp32", "logits argmax", shape=shape, metrics={"top1": agree}, bounds=bounds))
     if "int8" not in scored:
-        rows.append(judge("int8", "held-out text", "perplexity", shape, {}, {"perplexity_ratio": bounds_ratio},
+        rows.append(judge("int8", "held-out text", "perplexity", shape=shape, metrics={}, bounds={"perplexity_ratio": bounds_ratio},
                           note="no int8 graph to score"))
     return rows

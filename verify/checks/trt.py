@@ -13,15 +13,19 @@ run here (DESIGN.md §5).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
 from exportline.exporters.tensorrt.engines import (
-    ENGINE_SOURCES, check_engine_compatible, local_target, metadata_path, read_metadata, select_profile,
+    ENGINE_SOURCES,
+    check_engine_compatible,
+    local_target,
+    metadata_path,
+    read_metadata,
+    select_profile,
 )
-from exportline.verify.suite import CheckContext
-from exportline.verify.checks.cases import Case, output_mask, positions_first
+from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.checks.context import CheckContext
 from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
 from exportline.verify.runtime.backends import make_runner
@@ -52,10 +56,10 @@ def check(ctx: CheckContext) -> StageReport:
         ctx.progress(f"{STAGE}: {precision} engine over {len(cases)} cases")
         bounds = logits_bounds(ctx.thresholds, precision)
         with runner:
-            engine_rows = [r for case, feed, ref in expected for r in _engine_rows(runner, precision, case, feed, ref, bounds)]
+            engine_rows = [r for case, feed, ref in expected for r in _engine_rows(runner, precision, case, feed=feed, ref=ref, bounds=bounds)]
             greedy[runner.name] = greedy_tokens(runner, layout, prompt)
         if not any(r.bounds for r in engine_rows):  # every case was outside the engine's profiles
-            engine_rows.append(judge(STAGE, f"{precision} engine", "logits", [], {}, bounds, note="no case fits its profiles"))
+            engine_rows.append(judge(STAGE, f"{precision} engine", "logits", shape=[], metrics={}, bounds=bounds, note="no case fits its profiles"))
         rows += engine_rows
         rows.append(greedy_row(STAGE, reference_tokens, greedy[runner.name], required=False))
         rows[-1].case = f"{precision} engine, {rows[-1].case}"
@@ -72,7 +76,7 @@ def _recorded_engines(ctx: CheckContext, target) -> dict[str, str]:
     built = ctx.manifest.get("stages", {}).get(STAGE, {}).get("info", {}).get("engines") or {}
     if not built:
         raise ArtifactError(f"no engine recorded in the manifest; build them: exportline export {ctx.root} --stages trt")
-    for precision, name in built.items():
+    for name in built.values():
         meta = read_metadata(metadata_path(ctx.root / "trt" / name))
         try:
             check_engine_compatible(meta, target, bundle=ctx.root)
@@ -81,22 +85,22 @@ def _recorded_engines(ctx: CheckContext, target) -> dict[str, str]:
     return {p: built[p] for p in ENGINE_SOURCES if p in built}
 
 
-def _engine_rows(runner, precision: str, case: Case, feed, ref, bounds: dict) -> list[CheckRow]:
+def _engine_rows(runner, precision: str, case: Case, *, feed, ref, bounds: dict) -> list[CheckRow]:
     label = f"{precision} engine, {case.name}"
     try:
         select_profile(runner.meta["profiles"], {k: np.shape(v) for k, v in feed.items()})
     except ConfigError as exc:  # the engine was built with smaller limits than this case
-        return [judge(STAGE, label, "logits", np.shape(ref["logits"]), {}, {}, note=f"not run: {exc}")]
+        return [judge(STAGE, label, "logits", shape=np.shape(ref["logits"]), metrics={}, bounds={}, note=f"not run: {exc}")]
     out = runner.infer(feed)
     rows = []
     for name, expected in ref.items():
         judged = bounds if name == "logits" else {}
         if name not in out or np.shape(out[name]) != np.shape(expected):
             got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge(STAGE, label, name, np.shape(expected), {}, judged or {"rel_l2": 0.0}, note=f"output {got}"))
+            rows.append(judge(STAGE, label, name, shape=np.shape(expected), metrics={}, bounds=judged or {"rel_l2": 0.0}, note=f"output {got}"))
             continue
         rows.append(tensor_row(
-            STAGE, label, name, positions_first(name, out[name]), positions_first(name, expected), judged,
+            STAGE, label, name, out=positions_first(name, out[name]), ref=positions_first(name, expected), bounds=judged,
             mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
         ))
     return rows

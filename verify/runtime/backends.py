@@ -1,4 +1,4 @@
-"""Backend name → runner over a bundle. A new backend is one entry here plus one runner file.
+"""Backend name → runner over a bundle. A new backend is one runner file plus one record here.
 
 `make_runner(bundle, "onnx-fp16")` is what `exportline generate --backend`, the stage
 checks and the benchmark use, so the names are the same everywhere.
@@ -12,27 +12,35 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.layout import GRAPHS, MANIFEST, Graph
+from exportline.exporters.onnx.files_check import check_onnx_files
+from exportline.exporters.tensorrt.engines import find_engine, local_target
 from exportline.verify.runtime.base import Runner
+from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner, ort_bench_options
+from exportline.verify.runtime.torch_runner import TorchRunner, torch_bench_options
+from exportline.verify.runtime.trt_runner import TrtRunner, trt_bench_options
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One backend: its runner over a bundle, and what the reports need to know of it."""
+
+    name: str
     description: str
-    make: Callable[..., Runner]  # (bundle_root, **options) → Runner
+    precision: str  # of the weights it runs: the roofline's bytes per weight
     stage: str  # the export stage that produces its artifact
+    make: Callable[..., Runner]  # (bundle_root, **runner options) → Runner, not yet activated
+    bench_options: Callable[[str, int], dict[str, Any]]  # (device, threads) → runner options for a benchmark
 
 
 def _torch(root: Path, **options: Any) -> Runner:
-    from exportline.verify.runtime.torch_runner import TorchRunner
-
     return TorchRunner(root, **options)
 
 
-def _onnx(rel: str, stage: str) -> Callable[..., Runner]:
-    def make(root: Path, **options: Any) -> Runner:
-        from exportline.exporters.onnx.files_check import check_onnx_files
-        from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
+def _onnx(graph: Graph) -> Callable[..., Runner]:
+    rel, stage = graph.path, graph.stage
 
+    def make(root: Path, **options: Any) -> Runner:
         # Fail here, before a caller spends minutes on a reference, not at activate().
         _check_against_manifest(root, rel, stage)
         check_onnx_files(root / rel)
@@ -43,9 +51,6 @@ def _onnx(rel: str, stage: str) -> Callable[..., Runner]:
 
 def _trt(precision: str) -> Callable[..., Runner]:
     def make(root: Path, **options: Any) -> Runner:
-        from exportline.exporters.tensorrt.engines import find_engine, local_target
-        from exportline.verify.runtime.trt_runner import TrtRunner
-
         if options:
             raise ConfigError(f"backend trt-{precision} takes no runner options (got {', '.join(options)})")
         try:
@@ -58,30 +63,36 @@ def _trt(precision: str) -> Callable[..., Runner]:
     return make
 
 
-BACKENDS: dict[str, Backend] = {
-    "torch": Backend("HF transformers in torch (the bundle root)", _torch, "hf"),
-    "onnx": Backend("ONNX Runtime, fp32 graph", _onnx("onnx/model.onnx", "onnx"), "onnx"),
-    "onnx-fp16": Backend("ONNX Runtime, fp16 graph", _onnx("onnx/model_fp16.onnx", "fp16"), "fp16"),
-    "onnx-int8": Backend("ONNX Runtime, Q/DQ int8 graph", _onnx("onnx/model_int8.onnx", "int8"), "int8"),
-    "trt-fp16": Backend("TensorRT engine built from the fp16 graph", _trt("fp16"), "trt"),
-    "trt-int8": Backend("TensorRT engine built from the Q/DQ int8 graph", _trt("int8"), "trt"),
-}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("torch", "HF transformers in torch (the bundle root)", "fp32", "hf", _torch, torch_bench_options),
+    Backend("onnx", "ONNX Runtime, fp32 graph", "fp32", "onnx", _onnx(GRAPHS["fp32"]), ort_bench_options),
+    Backend("onnx-fp16", "ONNX Runtime, fp16 graph", "fp16", "fp16", _onnx(GRAPHS["fp16"]),
+            ort_bench_options),
+    Backend("onnx-int8", "ONNX Runtime, Q/DQ int8 graph", "int8", "int8", _onnx(GRAPHS["int8"]),
+            ort_bench_options),
+    Backend("trt-fp16", "TensorRT engine built from the fp16 graph", "fp16", "trt", _trt("fp16"), trt_bench_options),
+    Backend("trt-int8", "TensorRT engine built from the Q/DQ int8 graph", "int8", "trt", _trt("int8"), trt_bench_options),
+)}
 
-# Planned backends whose runner is not built yet (none at present).
-PLANNED: dict[str, str] = {}
+
+def backend_help() -> str:
+    return " | ".join(BACKENDS)
 
 
-def backend_names() -> list[str]:
-    return [*BACKENDS, *PLANNED]
+def parse_backends(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise ConfigError(f"--backends {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"known backends: {','.join(BACKENDS)}")
+    return list(dict.fromkeys(names))  # user order, duplicates dropped
 
 
 def make_runner(bundle_root: Path | str, backend: str, **options: Any) -> Runner:
     """A runner (not yet activated) for `backend` over the bundle at `bundle_root`."""
     root = Path(bundle_root)
-    if backend in PLANNED:
-        raise NotAvailable(f"backend {backend}: not available: {PLANNED[backend]}")
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; backends are: {', '.join(backend_names())}")
+        raise ConfigError(f"unknown backend {backend!r}; backends are: {', '.join(BACKENDS)}")
     return BACKENDS[backend].make(root, **options)
 
 
@@ -91,7 +102,7 @@ def _check_against_manifest(root: Path, rel: str, stage: str) -> None:
     if not (root / rel).is_file():
         raise ArtifactError(f"{root} has no {rel}; export it: exportline export SOURCE --out {root} --stages {stage}")
     try:
-        files = json.loads((root / "manifest.json").read_text()).get("files", [])
+        files = json.loads((root / MANIFEST).read_text()).get("files", [])
     except (OSError, ValueError):
         return  # a folder without a manifest (made by hand) is still checked on activate
     for f in files:

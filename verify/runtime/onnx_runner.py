@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.verify.runtime.base import Runner
 
@@ -25,7 +26,7 @@ _ORT_TYPES = {
     "tensor(int32)": np.int32,
 }
 # Which export stage writes a file of the onnx-community layout, for the "what next" hint.
-_STAGE_OF = {"model_fp16.onnx": "fp16", "model_int8.onnx": "int8"}
+_STAGE_OF = {Path(g.path).name: g.stage for g in GRAPHS.values()}
 
 
 def _reexport(path: Path) -> str:
@@ -112,3 +113,21 @@ def _reason(exc: Exception) -> str:
     reason end, which is what says what is wrong."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= 240 else "…" + text[-240:]
+
+
+def ort_session_options(threads: int) -> dict[str, Any]:
+    """Intra-op threads = physical cores (hyper-threads only contend for the same FMA units),
+    one inter-op thread (a decoder graph is a chain, nothing to run in parallel), every
+    graph optimization (fusions for attention, GELU/RMSNorm, Q/DQ → integer kernels)."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+    }
+
+
+def ort_bench_options(device: str, threads: int) -> dict[str, Any]:
+    # On cuda the CUDA EP is required, not preferred: ORT silently falling back to the CPU
+    # would be timed against torch on the GPU. The runner says "not available" without it.
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return {"providers": providers, "session_options": ort_session_options(threads)}

@@ -122,3 +122,8 @@ def _to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every bfloat16 exactly
         t = t.float()
     return t.detach().cpu().numpy()
+
+
+def torch_bench_options(device: str, threads: int) -> dict[str, Any]:
+    """torch takes its thread count from the process (bench sets it), not from the runner."""
+    return {"device": device}

@@ -15,7 +15,13 @@ import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError
 from exportline.exporters.tensorrt.engines import (
-    ENGINE_SOURCES, REBUILD, collecting_logger, find_engine, load_tensorrt, local_target, select_profile,
+    ENGINE_SOURCES,
+    REBUILD,
+    collecting_logger,
+    find_engine,
+    load_tensorrt,
+    local_target,
+    select_profile,
 )
 from exportline.verify.runtime.base import Runner
 
@@ -112,3 +118,7 @@ class TrtRunner(Runner):
                 delattr(self, attr)
         self._profile = None
 
+
+def trt_bench_options(device: str, threads: int) -> dict:
+    """An engine runs on the GPU it was built for; it takes no options."""
+    return {}

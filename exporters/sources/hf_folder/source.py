@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exportline.exporters.sources.base import CheckpointSource, Progress
 from exportline.exporters.core.errors import SourceError
+from exportline.exporters.sources.base import CheckpointSource, Progress
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

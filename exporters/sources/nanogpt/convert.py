@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exportline.exporters.sources.base import CheckpointSource, Progress
 from exportline.exporters.core.errors import SourceError
+from exportline.exporters.sources.base import CheckpointSource, Progress
 
 PREFIX = "_orig_mod."  # torch.compile's wrapper module adds it to every state_dict key
 REQUIRED_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
