@@ -241,6 +241,8 @@ def _intended_use(inp: CardInputs) -> list[str]:
 
 
 def _how_to_use(inp: CardInputs) -> list[str]:
+    """Every block here runs as written (tests/test_deploy_card_commands.py runs them against a
+    Hub-compatible server): for a repo the files are fetched with snapshot_download first."""
     where = inp.where
     lines = ["Transformers (the bundle root is a Hugging Face folder):", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -250,8 +252,8 @@ def _how_to_use(inp: CardInputs) -> list[str]:
              "print(tokenizer.decode(model.generate(ids, max_new_tokens=16)[0]))", "```", ""]
     if inp.has(GRAPHS["fp32"].path):
         lines += ["ONNX Runtime (`onnx/model.onnx`; inputs follow the optimum/transformers.js KV-cache names):", "",
-                  "```python", "import numpy as np, onnxruntime as ort",
-                  'session = ort.InferenceSession("onnx/model.onnx")',
+                  "```python", "import numpy as np, onnxruntime as ort", *_local_copy(inp, ["onnx/model.onnx*"]),
+                  'session = ort.InferenceSession(f"{path}/onnx/model.onnx")',
                   "ids = np.array([[1, 2, 3]], dtype=np.int64)",
                   'feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(3)[None]}',
                   "for i in session.get_inputs():  # empty KV cache for the first step (past_sequence = 0)",
@@ -261,15 +263,29 @@ def _how_to_use(inp: CardInputs) -> list[str]:
     if inp.engines():
         lines += ["TensorRT (" + ", ".join(f"`{e}`" for e in inp.engines()) + "; each runs only on the TensorRT "
                   "version and GPU named in its file name and `.json`):", "", "```python", "import tensorrt as trt",
+                  *_local_copy(inp, [inp.engines()[0]]),
                   "runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))",
-                  f'engine = runtime.deserialize_cuda_engine(open("{inp.engines()[0]}", "rb").read())', "```", ""]
+                  f'engine = runtime.deserialize_cuda_engine(open(f"{{path}}/{inp.engines()[0]}", "rb").read())', "```", ""]
     else:
         lines += ["TensorRT: no engines in this bundle; build them on a GPU machine with TensorRT: "
                   "`exportline export DIR --stages trt`.", ""]
-    lines += ["exportline:", "", "```bash", f'exportline generate {where} --prompt "Hello"',
+    pull = ([f"exportline pull {where} --out {inp.name}   # optional: a local copy, every sha256 checked"]
+            if inp.repo_id else [])
+    lines += ["exportline (a repo id is pulled into the cache first, every checksum checked against manifest.json):", "",
+              "```bash", *pull, f'exportline generate {where} --prompt "Hello"',
               f"exportline handoff {where} --triton model_repository   # Triton Inference Server model repository",
-              "```", "", "torch.hub: `torch.hub.load(DIR, \"model\", source=\"local\")` (the bundle carries `hubconf.py`)."]
+              "```", "", "torch.hub (the bundle carries `hubconf.py`):", "", "```python", "import torch",
+              *_local_copy(inp, None), 'model = torch.hub.load(path, "model", source="local")', "```"]
     return lines
+
+
+def _local_copy(inp: CardInputs, patterns: list[str] | None) -> list[str]:
+    """Lines that leave the bundle folder in `path`: the folder itself, or a repo's files
+    (only `patterns`, None = all) fetched with huggingface_hub."""
+    if not inp.repo_id:
+        return [f'path = "{inp.where}"']
+    allow = f", allow_patterns={patterns!r}" if patterns else ""
+    return ["from huggingface_hub import snapshot_download", f'path = snapshot_download("{inp.repo_id}"{allow})']
 
 
 def _num(v: float | None) -> str:

@@ -117,9 +117,9 @@ def _reference(ref, ids, mask, past):
         cache.update(torch.from_numpy(past[i]).double(), torch.from_numpy(past[i + 1]).double(), i // 2)
     with torch.no_grad():
         out = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                  position_ids=torch.from_numpy(_positions(mask, ids.shape[1])), past_key_values=cache, use_cache=True)
+                  position_ids=torch.from_numpy(_positions(mask, ids.shape[1])), cache=cache, use_cache=True)
     refs = {"logits": out.logits.numpy()}
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(out.cache.layers):
         refs[f"present.{i}.key"], refs[f"present.{i}.value"] = layer.keys.numpy(), layer.values.numpy()
     return refs
 
