@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exportline.exporters.core.layout import HUBCONF
+from exportline.exporters.core.layout import HUBCONF as HUBCONF  # re-exported: deploy/prepare.py imports it from here
 
 TEMPLATE = Path(__file__).with_name("hubconf_template.py")
 
