@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from exportline.deploy.card import README, load_inputs, render_card
-from exportline.deploy.torchhub import HUBCONF, hubconf_text
+from exportline.deploy.torchhub import hubconf_text
 from exportline.exporters.core.bundle import MANIFEST_FORMAT, Bundle, sha256_file, write_text_atomic
 from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.layout import HUBCONF
 
 
 def stale_stage_outputs(bundle: Bundle, manifest: dict[str, Any]) -> list[tuple[str, str]]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exportline.exporters.core.layout import HUBCONF
-
 TEMPLATE = Path(__file__).with_name("hubconf_template.py")
 
 
