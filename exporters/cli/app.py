@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from exportline.exporters.cli.options import ForceOpt, OutOpt, SetOpt, TrustOpt, err
-from exportline.exporters.core.errors import ExportlineError
+from exportline.exporters.core.errors import ConfigError, ExportlineError
 
 app = typer.Typer(
     name="exportline",
@@ -38,6 +38,29 @@ def export(
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship with a checkpoint that has none.")] = None,
     trust_remote_code: TrustOpt = False,
+    model_class: Annotated[Optional[str], typer.Option(
+        help="FILE.py:ClassName — export SOURCE (a state dict) as this nn.Module of yours. RUNS YOUR CODE: "
+             "importing FILE.py is the only place exportline executes user code, and only with this flag "
+             "(recorded in the manifest).", rich_help_panel="Your own nn.Module")] = None,
+    model_args: Annotated[Optional[Path], typer.Option(
+        help="YAML/JSON of constructor kwargs (default: model_args/config stored in the checkpoint).",
+        rich_help_panel="Your own nn.Module")] = None,
+    inputs: Annotated[Optional[Path], typer.Option(
+        help="Input spec YAML: dims (min/opt/max), inputs (dtype, shape, values|distribution), outputs. "
+             "Default for causal-lm: input_ids → logits.", rich_help_panel="Your own nn.Module")] = None,
+    task: Annotated[str, typer.Option(help="causal-lm (AutoModelForCausalLM, generate) or forward (AutoModel).",
+                                      rich_help_panel="Your own nn.Module")] = "causal-lm",
+    expect_params: Annotated[Optional[str], typer.Option(
+        help="Refuse a parameter count off this, e.g. 15.8M or 15.8M±5%, before anything is written.",
+        rich_help_panel="Your own nn.Module")] = None,
+    variants: Annotated[Optional[Path], typer.Option(
+        help="YAML with `variants:` name → {model_args, params}; use with --variant.",
+        rich_help_panel="Your own nn.Module")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Row of --variants to export.",
+                                                   rich_help_panel="Your own nn.Module")] = None,
+    calibration_inputs: Annotated[Optional[Path], typer.Option(
+        help="int8 of a custom module: .npz of input arrays to calibrate on (default: sampled from the spec).",
+        rich_help_panel="Your own nn.Module")] = None,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from exportline.exporters.core.bundle import Bundle
@@ -46,10 +69,18 @@ def export(
     from exportline.exporters.sources import resolve_source
     from exportline.exporters.stages import parse_stages
 
-    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    custom = None
+    if model_class:
+        custom = {"model_class": model_class, "model_args": model_args, "inputs": inputs, "task": task,
+                  "expect_params": expect_params, "variants": variants, "variant": variant}
+    elif any(v is not None for v in (model_args, inputs, expect_params, variants, variant, calibration_inputs)):
+        raise ConfigError("--model-args, --inputs, --expect-params, --variants and --calibration-inputs "
+                              "need --model-class FILE.py:Class")
+    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                         custom=custom)
     bundle = Bundle(out or Path("out") / src.name)
     options = ExportOptions(
-        calibration_data=calibration_data, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
+        calibration_data=calibration_data, calibration_inputs=calibration_inputs, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
         trt_workspace_gib=trt_workspace_gib,
     )
     with err.status("exporting…") as status:
