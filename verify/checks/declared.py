@@ -9,7 +9,7 @@ trace's. Reference: the module in float64 on CPU.
   greedy tokens against an argmax loop of the reference.
 - onnx / fp16 / int8: the graph on ONNX Runtime CPU against the bundle's module in float64;
   fp32 bounds on every output; fp16 bounds (rel_l2, top-1 on logits) on every float output;
-  int8: top-1 against the fp32 graph ≥ int8.top1 on logits, rel_l2 ≤ int8.rel_l2 otherwise.
+  int8: against the fp32 graph, rel_l2 ≤ int8.rel_l2 per output, logits top-1 ≥ int8.top1 pooled.
 """
 
 from __future__ import annotations
@@ -104,18 +104,26 @@ def check_fp16(ctx: CheckContext) -> StageReport:
 
 
 def check_int8(ctx: CheckContext) -> StageReport:
-    """int8 against the fp32 graph on the same declared cases (top-1 for logits, rel_l2 for
-    other outputs), plus int8 against the float64 module reported."""
+    """int8 against the fp32 graph on the same declared cases: rel_l2 ≤ int8.rel_l2 on every
+    float output per case, and for logits top-1 ≥ int8.top1 pooled over every position of
+    every case (a 16-position case moves 6 % per flipped token: too coarse to judge alone)."""
     t = ctx.thresholds["int8"]
     io, feeds = cases(ctx)
     with make_runner(ctx.root, "onnx") as fp32:
         wants = [(name, feed, {k: np.asarray(v, np.float64) for k, v in fp32.infer(feed).items()}) for name, feed in feeds]
     rows: list[CheckRow] = []
+    agree, positions = 0, 0
     with make_runner(ctx.root, "onnx-int8") as int8:
         for name, feed, want in wants:
-            rows += _rows("int8", f"{name}, int8 vs fp32 graph", int8.infer(feed), want,
-                          lambda out: ({"top1": float(t["top1"])} if out == "logits" else {"rel_l2": float(t["rel_l2"])},
-                                       out == "logits"))
+            got = int8.infer(feed)
+            rows += _rows("int8", f"{name}, int8 vs fp32 graph", got, want,
+                          lambda out: ({"rel_l2": float(t["rel_l2"])}, out == "logits"))
+            if "logits" in want and "logits" in got and np.shape(got["logits"]) == np.shape(want["logits"]):
+                agree += int((got["logits"].argmax(-1) == want["logits"].argmax(-1)).sum())
+                positions += int(want["logits"][..., 0].size)
+    if positions:
+        rows.append(judge("int8", "all cases pooled, int8 vs fp32 graph", "logits argmax", (positions,),
+                          {"top1": agree / positions}, {"top1": float(t["top1"])}))
     return StageReport.from_rows("int8", rows, "onnx/model.onnx (fp32) on ONNX Runtime CPU, declared cases",
                                  cases=[name for name, _ in feeds])
 
