@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from exportline.exporters.cli.options import ForceOpt, OutOpt, SetOpt, TrustOpt, err
 from exportline.exporters.core.errors import ConfigError, ExportlineError
@@ -145,7 +146,7 @@ def main() -> None:
     try:
         app()
     except ExportlineError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: nothing half-written was left for a rerun to trust")

@@ -222,8 +222,10 @@ class DeclaredIO:
     def to_dict(self) -> dict:
         return {
             "dims": {d.name: {"min": d.min, "opt": d.opt, "max": d.max} for d in self.dims},
-            "inputs": {s.name: _spec_dict(s) for s in self.input_specs},
-            "outputs": {s.name: _spec_dict(s) for s in self.output_specs},
+            # lists, not mappings: the order is the forward's argument order, and JSON
+            # writers that sort keys (config.json, manifest.json) must not change it
+            "inputs": [{"name": s.name, **_spec_dict(s)} for s in self.input_specs],
+            "outputs": [{"name": s.name, **_spec_dict(s)} for s in self.output_specs],
         }
 
 
@@ -245,7 +247,7 @@ def declared_io(data: dict, *, where: str = "--inputs") -> DeclaredIO:
     values | distribution}}, outputs: {name: {shape}}}."""
     from exportline.exporters.core.errors import ConfigError
 
-    if not isinstance(data, dict) or not isinstance(data.get("inputs"), dict) or not isinstance(data.get("outputs"), dict):
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), (dict, list)) for k in ("inputs", "outputs")):
         raise ConfigError(f"{where}: needs `dims:`, `inputs:` and `outputs:` mappings (see README, 'Your own nn.Module')")
     dims = []
     for name, r in (data.get("dims") or {}).items():
@@ -260,11 +262,22 @@ def declared_io(data: dict, *, where: str = "--inputs") -> DeclaredIO:
     known = {d.name for d in dims}
     specs = {"inputs": [], "outputs": []}
     for part in specs:
-        for name, entry in data[part].items():
-            specs[part].append(_tensor_spec(str(name), entry or {}, known, part=part, where=where))
+        for name, entry in _entries(data[part], part=part, where=where):
+            specs[part].append(_tensor_spec(name, entry, known, part=part, where=where))
     if not specs["inputs"] or not specs["outputs"]:
         raise ConfigError(f"{where}: declare at least one input and one output")
     return DeclaredIO(tuple(dims), tuple(specs["inputs"]), tuple(specs["outputs"]))
+
+
+def _entries(table, *, part: str, where: str) -> list[tuple[str, dict]]:
+    """`{name: {...}}` (YAML order) or `[{name: ..., ...}]` → (name, entry) in order."""
+    from exportline.exporters.core.errors import ConfigError
+
+    if isinstance(table, dict):
+        return [(str(k), dict(v or {})) for k, v in table.items()]
+    if not all(isinstance(e, dict) and "name" in e for e in table):
+        raise ConfigError(f"{where}: every entry of {part}: needs a name")
+    return [(str(e["name"]), {k: v for k, v in e.items() if k != "name"}) for e in table]
 
 
 def _tensor_spec(name: str, entry: dict, known: set[str], *, part: str, where: str) -> TensorSpec:

@@ -13,6 +13,8 @@ the user's code it happened (module class, file, line).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +42,7 @@ def export_declared(root: Path, out_dir: Path, *, opset: int, progress: Callable
     dims = {d.name: torch.export.Dim.DYNAMIC(min=d.min, max=d.max) for d in io.dims}
     dynamic = tuple({i: dims[d] for i, d in enumerate(s.dims) if isinstance(d, str)} or None for s in io.inputs())
     progress(f"onnx: tracing {type(module).__name__} with {', '.join(f'{k}={v}' for k, v in sizes.items())}")
-    with _quiet(), torch.no_grad():
+    with _quiet(), _silent_torch(), torch.no_grad():
         try:
             program = torch.export.export(flat, args, dynamic_shapes=(dynamic,), strict=False)
             onnx_program = torch.onnx.export(
@@ -78,6 +80,22 @@ def _name_dims(graph, io: DeclaredIO) -> None:
                     raise StageError(f"onnx: output {spec.name} has size {dim.dim_value} where --inputs declares {want}")
                 else:
                     dim.dim_value = want
+
+
+@contextlib.contextmanager
+def _silent_torch():
+    """torch.export logs a user module's failure (fake-tensor stacks) at ERROR and prints the
+    partial graph before raising; the exception is what the user sees, once, in one line."""
+    import io
+
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _reason(exc: BaseException) -> str:

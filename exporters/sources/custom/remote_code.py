@@ -124,7 +124,7 @@ def config_json(names: dict[str, str], *, task: str, kwargs: dict[str, Any], io:
         "transformers_version": transformers.__version__,
     }
     if task == "causal-lm":
-        ids = io["inputs"]["input_ids"]
+        ids = io["inputs"][0]  # input_ids (CustomSource checks it is first)
         config["vocab_size"] = int(ids["values"][1])
         config["max_position_embeddings"] = int(io["dims"][ids["shape"][1]]["max"])
     return config
