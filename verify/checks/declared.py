@@ -9,7 +9,7 @@ trace's. Reference: the module in float64 on CPU.
   greedy tokens against an argmax loop of the reference.
 - onnx / fp16 / int8: the graph on ONNX Runtime CPU against the bundle's module in float64;
   fp32 bounds on every output; fp16 bounds (rel_l2, top-1 on logits) on every float output;
-  int8: against the fp32 graph, rel_l2 ≤ int8.rel_l2 per output, logits top-1 ≥ int8.top1 pooled.
+  int8: against the fp32 graph, rel_l2 ≤ int8.rel_l2 per non-logits output, logits top-1 ≥ int8.top1 pooled.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def check_fp16(ctx: CheckContext) -> StageReport:
 
 def check_int8(ctx: CheckContext) -> StageReport:
     """int8 against the fp32 graph on the same declared cases: rel_l2 ≤ int8.rel_l2 on every
-    float output per case, and for logits top-1 ≥ int8.top1 pooled over every position of
+    output but logits, per case; logits: top-1 ≥ int8.top1 pooled over every position of
     every case (a 16-position case moves 6 % per flipped token: too coarse to judge alone)."""
     t = ctx.thresholds["int8"]
     io, feeds = cases(ctx)
@@ -116,8 +116,10 @@ def check_int8(ctx: CheckContext) -> StageReport:
     with make_runner(ctx.root, "onnx-int8") as int8:
         for name, feed, want in wants:
             got = int8.infer(feed)
+            # logits: judged by top-1 (DESIGN.md §6), rel_l2 reported; a routed module (MoE
+            # top-k) may flip a token's experts under int8 noise, a jump rel_l2 would punish
             rows += _rows("int8", f"{name}, int8 vs fp32 graph", got, want,
-                          lambda out: ({"rel_l2": float(t["rel_l2"])}, out == "logits"))
+                          lambda out: ({} if out == "logits" else {"rel_l2": float(t["rel_l2"])}, out == "logits"))
             if "logits" in want and "logits" in got and np.shape(got["logits"]) == np.shape(want["logits"]):
                 agree += int((got["logits"].argmax(-1) == want["logits"].argmax(-1)).sum())
                 positions += int(want["logits"][..., 0].size)

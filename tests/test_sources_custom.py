@@ -1,0 +1,254 @@
+"""Your own nn.Module (issue 13): three modules written here in tests/custom_modules (never
+from transformers) go through every stage; each is checked against the test's own copy of
+the module in float64 on shapes the export did not trace, and loaded back with
+transformers' remote code. Refusals: wrong parameter count, keys that do not fit, a
+forward that cannot be exported, a relative import that cannot be carried."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sources_fixtures import cli, error_line
+
+MODULES = Path(__file__).resolve().parent / "custom_modules"
+
+
+def user_module(stem: str):
+    """Import tests/custom_modules/<stem>.py as the test's own copy (relative imports work)."""
+    if "custom_modules_pkg" not in sys.modules:
+        spec = importlib.util.spec_from_loader("custom_modules_pkg", loader=None, is_package=True)
+        pkg = importlib.util.module_from_spec(spec)
+        pkg.__path__ = [str(MODULES)]
+        sys.modules["custom_modules_pkg"] = pkg
+    return importlib.import_module(f"custom_modules_pkg.{stem}")
+
+
+GPT_ARGS = {"vocab_size": 96, "block_size": 32, "dim": 32, "heads": 4, "layers": 2}
+
+
+def _gpt(tmp: Path):
+    torch.manual_seed(0)
+    model = user_module("tiny_gpt").TinyGPT(**GPT_ARGS)
+    # nanoGPT's layout: the tensors under `model`, the constructor kwargs under `model_args`
+    torch.save({"model": model.state_dict(), "model_args": GPT_ARGS, "iter_num": 10}, tmp / "gpt.pt")
+    return model, tmp / "gpt.pt", ["--model-class", f"{MODULES}/tiny_gpt.py:TinyGPT"]
+
+
+def _moe(tmp: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = user_module("tiny_moe").TinyMoELM()
+    save_file(model.state_dict(), tmp / "moe.safetensors")
+    return model, tmp / "moe.safetensors", ["--model-class", f"{MODULES}/tiny_moe.py:TinyMoELM"]
+
+
+def _motion(tmp: Path):
+    torch.manual_seed(2)
+    model = user_module("motion").StickFigureTransformer()
+    torch.save(model.state_dict(), tmp / "motion.pth")
+    return model, tmp / "motion.pth", ["--model-class", f"{MODULES}/motion.py:StickFigureTransformer",
+                                       "--task", "forward", "--inputs", str(MODULES / "motion_inputs.yaml")]
+
+
+MAKERS = {"gpt": _gpt, "moe": _moe, "motion": _motion}
+
+
+@pytest.fixture(scope="module", params=list(MAKERS))
+def exported(request, tmp_path_factory):
+    """Every stage of one module, verified (the CLI default), once per module."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model, ckpt, flags = MAKERS[request.param](tmp)
+    code, err = cli("export", ckpt, *flags, "--out", tmp / "bundle")
+    return request.param, model.eval(), tmp / "bundle", code, err
+
+
+def _ort(path: Path, feed: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+
+
+def _reference(model, feed: dict) -> np.ndarray:
+    """The test's own module in float64 (its first output), on a copy."""
+    import copy
+
+    double = copy.deepcopy(model).double()
+    args = [torch.from_numpy(v).double() if v.dtype.kind == "f" else torch.from_numpy(v) for v in feed.values()]
+    with torch.no_grad():
+        out = double(*args)
+    return (out[0] if isinstance(out, tuple) else out).numpy()
+
+
+def _unseen_feed(name: str, rng) -> dict:
+    """Shapes the export did not trace (it traces opt sizes: batch 2, sequence/frames 8 or 16)."""
+    if name == "motion":
+        return {"poses": rng.standard_normal((3, 37, 20)).astype(np.float32),
+                "text": rng.standard_normal((3, 1024)).astype(np.float32),
+                "actions": rng.integers(0, 12, (3, 37)).astype(np.int64)}
+    vocab, longest = (96, 32) if name == "gpt" else (80, 48)
+    return {"input_ids": rng.integers(0, vocab, (3, longest - 1)).astype(np.int64)}
+
+
+def _rel_l2(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.slow
+@pytest.mark.covers("source:custom")
+def test_every_stage_exports_and_verifies(exported):
+    name, _, bundle, code, err = exported
+    assert code == 0, err
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert [s for s in ("hf", "onnx", "fp16", "int8") if stages[s]["status"] == "done"] == ["hf", "onnx", "fp16", "int8"]
+    assert manifest["source"]["kind"] == "custom" and "--model-class" in manifest["source"]["user_code"]
+    report = {s["stage"]: s for s in json.loads((bundle / "reports" / "verify.json").read_text())["stages"]}
+    assert all(report[s]["status"] == "passed" for s in ("hf", "onnx", "fp16", "int8")), err
+    traced = report["onnx"]["extra"]["traced"]
+    for dim, size in traced.items():  # every dynamic dim was checked at sizes other than the traced one
+        assert any(f"{dim}={size}" not in case for case in report["onnx"]["extra"]["cases"])
+    assert all(r["metrics"]["rel_l2"] <= 1e-5 for r in report["onnx"]["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.covers("source:custom")
+def test_onnx_and_fp16_match_the_module_in_float64_on_unseen_shapes(exported):
+    name, model, bundle, code, err = exported
+    assert code == 0, err
+    feed = _unseen_feed(name, np.random.default_rng(5))
+    want = _reference(model, feed)
+    fp32 = _ort(bundle / "onnx" / "model.onnx", feed)[0]
+    fp16 = _ort(bundle / "onnx" / "model_fp16.onnx", feed)[0]
+    assert fp32.shape == want.shape and fp16.dtype == np.float32  # declared float I/O stays float32
+    assert _rel_l2(fp32, want) <= 1e-5
+    assert np.abs(fp32 - want).max() / np.abs(want).max() <= 1e-5
+    assert _rel_l2(fp16, want) <= 1e-3
+    if name != "motion":
+        assert (fp16.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.covers("source:custom")
+def test_transformers_loads_the_folder_with_remote_code(exported):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    name, model, bundle, code, err = exported
+    assert code == 0, err
+    feed = _unseen_feed(name, np.random.default_rng(6))
+    args = [torch.from_numpy(v) for v in feed.values()]
+    with torch.no_grad():
+        want = model(*args)
+    want = want[0] if isinstance(want, tuple) else want
+    if name == "motion":
+        loaded = AutoModel.from_pretrained(bundle, trust_remote_code=True)
+        with torch.no_grad():
+            got = loaded(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return
+    loaded = AutoModelForCausalLM.from_pretrained(bundle, trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=args[0]).logits, want, rtol=0, atol=0)
+        prompt = args[0][:1, :5]
+        tokens = loaded.generate(prompt, max_new_tokens=6, do_sample=False)
+    seq = prompt
+    for _ in range(6):  # greedy by hand with the test's own module
+        with torch.no_grad():
+            logits = model(seq)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    assert tokens.tolist() == seq.tolist()
+    card = (bundle / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "no KV cache" in card
+
+
+@pytest.mark.covers("source:custom")
+def test_a_wrong_parameter_count_is_refused_before_anything_is_written(tmp_path):
+    model, ckpt, flags = _gpt(tmp_path)
+    actual = sum(p.numel() for p in model.parameters())
+    code, err = cli("export", ckpt, *flags, "--expect-params", "15.8M[±5%]", "--out", tmp_path / "b")
+    line = error_line(err)
+    assert code != 0 and f"{actual:,} parameters" in line and "15.8M" in line
+    assert not (tmp_path / "b").exists()
+    table = tmp_path / "variants.yaml"
+    table.write_text(f"variants:\n  small:\n    model_args: {json.dumps(GPT_ARGS)}\n    params: {actual * 1.2:.0f}±5%\n"
+                     f"  right:\n    model_args: {json.dumps(GPT_ARGS)}\n    params: {actual / 1e3:.1f}k±1%\n")
+    code, err = cli("export", ckpt, *flags, "--variants", table, "--variant", "small", "--out", tmp_path / "b")
+    assert code != 0 and "variant small" in error_line(err) and not (tmp_path / "b").exists()
+    code, err = cli("export", ckpt, *flags, "--variants", table, "--variant", "right", "--stages", "hf",
+                    "--no-verify", "--out", tmp_path / "b")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["source"]["variant"] == "right"
+
+
+@pytest.mark.covers("source:custom")
+def test_keys_that_do_not_fit_are_named_in_one_line(tmp_path):
+    model, ckpt, flags = _gpt(tmp_path)
+    state = model.state_dict()
+    state["head.weight"] = state["head.weight"][:, :16]
+    state["extra.bias"] = torch.zeros(3)
+    del state["ln_f.bias"]
+    torch.save({"model": state, "model_args": GPT_ARGS}, tmp_path / "bad.pt")
+    code, err = cli("export", tmp_path / "bad.pt", *flags, "--out", tmp_path / "b")
+    line = error_line(err)
+    assert "missing: ln_f.bias" in line and "unexpected: extra.bias" in line and "head.weight [96, 16]" in line
+    assert not (tmp_path / "b").exists()
+
+
+UNTRACEABLE = '''
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return x
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(x)
+'''
+
+
+@pytest.mark.covers("source:custom")
+def test_a_forward_that_cannot_be_exported_is_refused_naming_the_module(tmp_path):
+    (tmp_path / "branchy.py").write_text(UNTRACEABLE)
+    (tmp_path / "spec.yaml").write_text("dims: {batch: {min: 1, max: 4}}\ninputs: {x: {shape: [batch, 8]}}\n"
+                                        "outputs: {y: {shape: [batch, 8]}}\n")
+    spec = importlib.util.spec_from_file_location("branchy_test", tmp_path / "branchy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.Branchy().state_dict(), tmp_path / "b.pt")
+    code, err = cli("export", tmp_path / "b.pt", "--model-class", f"{tmp_path}/branchy.py:Branchy", "--task", "forward",
+                    "--inputs", tmp_path / "spec.yaml", "--stages", "hf,onnx", "--no-verify", "--out", tmp_path / "out")
+    line = error_line(err)
+    assert code != 0 and "cannot export Branchy.forward" in line and "Gate.forward" in line and "data-dependent" in line
+    assert not (tmp_path / "out" / "onnx").exists()
+
+
+@pytest.mark.covers("source:custom")
+def test_a_relative_import_that_cannot_be_carried_is_refused(tmp_path):
+    (tmp_path / "m.py").write_text("from ..elsewhere import Thing\n\nclass M:\n    pass\n")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "m.pt")
+    code, err = cli("export", tmp_path / "m.pt", "--model-class", f"{tmp_path}/m.py:M", "--out", tmp_path / "out")
+    assert code != 0 and "m.py:1: relative import `from ..elsewhere`" in error_line(err)
+    assert not (tmp_path / "out").exists()
