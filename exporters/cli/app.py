@@ -59,6 +59,15 @@ def export(
         rich_help_panel="Your own nn.Module")] = None,
     variant: Annotated[Optional[str], typer.Option(help="Row of --variants to export.",
                                                    rich_help_panel="Your own nn.Module")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        help="LoRA adapter: a PEFT adapter folder, or a .pth of lora_A/lora_B tensors (with --lora-alpha). "
+             "Written as adapter/ for peft.PeftModel.from_pretrained, or merged with --merge-adapter.",
+        rich_help_panel="Your own nn.Module")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="alpha of a .pth adapter.", rich_help_panel="Your own nn.Module")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="rank of a .pth adapter (checked against lora_A).",
+                                                     rich_help_panel="Your own nn.Module")] = None,
+    merge_adapter: Annotated[bool, typer.Option("--merge-adapter", help="Merge the adapter into the weights; every stage runs on the merged model.",
+                                                rich_help_panel="Your own nn.Module")] = False,
     calibration_inputs: Annotated[Optional[Path], typer.Option(
         help="int8 of a custom module: .npz of input arrays to calibrate on (default: sampled from the spec).",
         rich_help_panel="Your own nn.Module")] = None,
@@ -73,9 +82,11 @@ def export(
     custom = None
     if model_class:
         custom = {"model_class": model_class, "model_args": model_args, "inputs": inputs, "task": task,
-                  "expect_params": expect_params, "variants": variants, "variant": variant}
-    elif any(v is not None for v in (model_args, inputs, expect_params, variants, variant, calibration_inputs)):
-        raise ConfigError("--model-args, --inputs, --expect-params, --variants and --calibration-inputs "
+                  "expect_params": expect_params, "variants": variants, "variant": variant, "adapter": adapter,
+                  "lora_alpha": lora_alpha, "lora_rank": lora_rank, "merge_adapter": merge_adapter}
+    elif merge_adapter or any(v is not None for v in (model_args, inputs, expect_params, variants, variant, calibration_inputs,
+                                                      adapter, lora_alpha, lora_rank)):
+        raise ConfigError("--model-args, --inputs, --expect-params, --variants, --calibration-inputs and --adapter "
                               "need --model-class FILE.py:Class")
     src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code,
                          custom=custom)

@@ -148,6 +148,9 @@ def check_hf(ctx: CheckContext) -> StageReport:
                           lambda out: (bounds, out == "logits"))
     if source.get("task") == "causal-lm":
         rows.append(_generate_row(ctx.root, original, io))
+    adapter = source.get("adapter") or {}
+    if adapter and not adapter.get("merged"):
+        rows += _adapter_rows(ctx, original, wants=[(name, feed) for name, feed, _ in wants], io=io)
     return StageReport.from_rows("hf", rows, f"{source.get('model_class')} (the user's file) with the checkpoint's "
                                  "weights, torch float64 on CPU", cases=[name for name, _ in feeds])
 
@@ -162,11 +165,47 @@ def _original_module(source: dict, root: Path):
             raise NotAvailable(f"the {what} {p} is not on this machine; verify where the export ran")
     if sha256_file(path) != source.get("sha256"):
         raise NotAvailable(f"the checkpoint {path} changed since the export; re-export it to verify")
+    adapter = source.get("adapter") or {}
+    if adapter and not Path(adapter["path"]).exists():
+        raise NotAvailable(f"the adapter {adapter['path']} is not on this machine; verify where the export ran")
     src = CustomSource(path, model_class=source["model_class"], model_args=source.get("model_args"),
-                       inputs=source.get("io"), task=source.get("task", "forward"))
+                       inputs=source.get("io"), task=source.get("task", "forward"),
+                       adapter=Path(adapter["path"]) if adapter else None, lora_alpha=adapter.get("alpha"),
+                       lora_rank=adapter.get("rank"), merge_adapter=bool(adapter.get("merged")))
+    if adapter and src.adapter.sha256() != adapter.get("sha256"):
+        raise NotAvailable(f"the adapter {adapter['path']} changed since the export; re-export it to verify")
     if src.module_file.sha256() != source.get("module_sha256"):
         raise NotAvailable(f"{file} changed since the export; re-export it to verify")
     return src.model.double()
+
+
+def _adapter_rows(ctx: CheckContext, original, *, wants, io) -> list[CheckRow]:
+    """peft.PeftModel.from_pretrained(the bundle's model, BUNDLE/adapter) against the user's
+    module with the adapter merged in float64 (W + scale·B@A)."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from exportline.exporters.sources.custom.adapter import ADAPTER_DIR, read_adapter
+    from exportline.exporters.sources.hf_writer import quiet_transformers
+
+    adapter = ctx.manifest["source"]["adapter"]
+    merged = copy.deepcopy(original)
+    from exportline.exporters.sources.custom.adapter import merge_into
+
+    merge_into(merged, read_adapter(Path(adapter["path"]), alpha=adapter["alpha"], rank=adapter["rank"]))
+    ctx.progress("verify hf: PeftModel (adapter/) vs the module with the adapter merged in float64")
+    with quiet_transformers():
+        peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(ctx.root), trust_remote_code=True),
+                                               str(ctx.root / ADAPTER_DIR)).eval()
+    inner = peft_model.base_model.model.model  # the user's module with LoRA layers injected
+    bounds = _bounds(ctx, "fp32", ("rel_l2", "max_abs_over_max_ref"))
+    rows = []
+    for name, feed in wants:
+        rows += _rows("hf", f"{name}, PeftModel float32 vs merged", run_module(inner, io, feed),
+                      run_module(merged, io, feed), lambda out: (bounds, out == "logits"))
+    return rows
 
 
 def _generate_row(root: Path, original, io) -> CheckRow:

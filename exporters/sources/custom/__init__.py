@@ -32,7 +32,8 @@ def read_spec(path: Path | None) -> dict | None:
 def custom_source(
     checkpoint: Path, *, model_class: str, model_args: Path | None = None, inputs: Path | None = None,
     task: str = "causal-lm", expect_params: str | None = None, variants: Path | None = None,
-    variant: str | None = None,
+    variant: str | None = None, adapter: Path | None = None, lora_alpha: float | None = None,
+    lora_rank: int | None = None, merge_adapter: bool = False,
 ) -> CustomSource:
     args = read_args(model_args)
     expect = ParamExpectation.parse(expect_params) if expect_params else None
@@ -46,7 +47,8 @@ def custom_source(
         args = {**row.model_args, **(args or {})}
         expect = expect or row.expect_params
     return CustomSource(checkpoint, model_class=model_class, model_args=args, inputs=read_spec(inputs),
-                        task=task, expect_params=expect, variant=variant)
+                        task=task, expect_params=expect, variant=variant, adapter=adapter, lora_alpha=lora_alpha,
+                        lora_rank=lora_rank, merge_adapter=merge_adapter)
 
 
 __all__ = ["CustomSource", "custom_source", "read_spec"]

@@ -20,6 +20,7 @@ from exportline.exporters.core.errors import ConfigError, SourceError
 from exportline.exporters.core.presets import ParamExpectation
 from exportline.exporters.core.shapes import DeclaredIO, declared_io
 from exportline.exporters.sources.base import default_name
+from exportline.exporters.sources.custom.adapter import ADAPTER_DIR, merge_into, read_adapter, resolve_modules, write_peft_adapter
 from exportline.exporters.sources.custom.checkpoint import key_problems, parameter_count, read_checkpoint
 from exportline.exporters.sources.custom.module_file import ModuleFile
 from exportline.exporters.sources.custom.remote_code import TASKS, config_json, write_config, write_remote_code
@@ -33,7 +34,9 @@ class CustomSource:
 
     def __init__(self, path: Path, *, model_class: str, model_args: dict | None = None,
                  inputs: dict | None = None, task: str = "causal-lm",
-                 expect_params: ParamExpectation | None = None, name: str = "", variant: str | None = None):
+                 expect_params: ParamExpectation | None = None, name: str = "", variant: str | None = None,
+                 adapter: Path | None = None, lora_alpha: float | None = None, lora_rank: int | None = None,
+                 merge_adapter: bool = False):
         if task not in TASKS:
             raise ConfigError(f"--task {task!r}: use one of {', '.join(TASKS)}")
         self.path = Path(path).resolve()
@@ -48,10 +51,20 @@ class CustomSource:
         if expect_params is not None:
             expect_params.check(self.parameters, what=f"{self.path.name} with {self.module_file.class_name}"
                                 + (f" (variant {variant})" if variant else ""))
+        self.adapter, self.merged = None, merge_adapter
+        if merge_adapter and adapter is None:
+            raise ConfigError("--merge-adapter needs --adapter PEFT_DIR|LORA.pth")
+        if adapter is not None:
+            self.adapter = read_adapter(adapter, alpha=lora_alpha, rank=lora_rank)
+            resolve_modules(self.model, self.adapter)  # refused now, before anything is written
+            if merge_adapter:
+                merge_into(self.model, self.adapter)
         self.io = declared_io(inputs) if inputs is not None else self._default_io()
         if task == "causal-lm" and [s.name for s in self.io.inputs()][:1] != ["input_ids"]:
             raise ConfigError("--task causal-lm: the first declared input must be input_ids (token ids → logits)")
-        self.name = name or default_name(self.path) + (f"-{variant}" if variant else "")
+        # <base>-lora: the base plus an adapter folder; <base>-sft: the adapter merged in
+        tag = "" if self.adapter is None else ("-sft" if merge_adapter else "-lora")
+        self.name = name or default_name(self.path) + (f"-{variant}" if variant else "") + tag
         self.thresholds: dict[str, Any] = {}
 
     def _build(self, state: dict):
@@ -99,7 +112,8 @@ class CustomSource:
     def fingerprint(self) -> str:
         blob = {"kind": self.kind, "version": SOURCE_VERSION, "sha256": self.content_sha256,
                 "module": self.module_file.sha256(), "class": self.module_file.class_name,
-                "kwargs": self.kwargs, "task": self.task, "io": self.io.to_dict()}
+                "kwargs": self.kwargs, "task": self.task, "io": self.io.to_dict(),
+                "adapter": self.adapter.sha256() if self.adapter else None, "merged": self.merged}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -109,6 +123,7 @@ class CustomSource:
             "module_sha256": self.module_file.sha256(), "model_args": self.kwargs, "task": self.task,
             "parameters": self.parameters, "variant": self.variant,
             "expect_params": self.expect.text if self.expect else None, "io": self.io.to_dict(),
+            "adapter": {**self.adapter.describe(), "merged": self.merged} if self.adapter else None,
             "user_code": f"imported {self.module_file.path.name} ({', '.join(p.name for p in self.module_file.siblings) or 'no sibling files'}) "
                          "because --model-class was given: the one place exportline ran the user's code",
             "random_init": False, "labels": [], "preset": None, "trust_remote_code": True,
@@ -127,6 +142,9 @@ class CustomSource:
         # clone: tied tensors share storage, which safetensors refuses; the wrapper re-ties on load
         state = {f"model.{k}": v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
         files += write_hf_weights(state, dest)
+        if self.adapter is not None and not self.merged:
+            progress(f"hf: LoRA adapter ({len(self.adapter.pairs)} modules, rank {self.adapter.rank}) → {ADAPTER_DIR}/")
+            files += write_peft_adapter(dest, self.adapter, self.model, dest / ADAPTER_DIR, base_name=self.name)
         return {"files": files, "architecture": names["wrapper"], "model_type": names["model_type"],
                 "parameters": self.parameters, "task": self.task,
                 "load_with": f"AutoModel{'ForCausalLM' if self.task == 'causal-lm' else ''}.from_pretrained(DIR, trust_remote_code=True)",
