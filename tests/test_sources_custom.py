@@ -117,6 +117,13 @@ def test_every_stage_exports_and_verifies(exported):
     for dim, size in traced.items():  # every dynamic dim was checked at sizes other than the traced one
         assert any(f"{dim}={size}" not in case for case in report["onnx"]["extra"]["cases"])
     assert all(r["metrics"]["rel_l2"] <= 1e-5 for r in report["onnx"]["rows"])
+    import onnx
+
+    graph = onnx.load(bundle / "onnx" / "model.onnx", load_external_data=False).graph
+    config = json.loads((bundle / "config.json").read_text())
+    for value, declared in zip(graph.input, config["exportline_io"]["inputs"]):  # axes named as declared
+        assert value.name == declared["name"]
+        assert [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] == declared["shape"]
 
 
 @pytest.mark.slow
@@ -252,3 +259,101 @@ def test_a_relative_import_that_cannot_be_carried_is_refused(tmp_path):
     code, err = cli("export", tmp_path / "m.pt", "--model-class", f"{tmp_path}/m.py:M", "--out", tmp_path / "out")
     assert code != 0 and "m.py:1: relative import `from ..elsewhere`" in error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def _peft_adapter(model, folder: Path):
+    """A LoRA adapter the way PEFT users make one: get_peft_model on their module, train
+    (here: lora_B set to non-zero values, so the adapter changes outputs), save_pretrained."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    peft_model.save_pretrained(folder)
+    return peft_model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.covers("source:custom")
+def test_lora_adapter_round_trip(tmp_path):
+    """A PEFT adapter → BUNDLE/adapter that PeftModel.from_pretrained loads over the bundle's
+    model; --merge-adapter of the same adapter as a .pth → an ONNX graph of the merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, ckpt, flags = _gpt(tmp_path)
+    trained = _peft_adapter(model, tmp_path / "adapter")
+    ids = torch.from_numpy(_unseen_feed("gpt", np.random.default_rng(8))["input_ids"])
+    with torch.no_grad():
+        want, base = trained(ids)[0], model(ids)[0]
+    assert (want - base).abs().max() > 1e-2  # the adapter does something
+
+    code, err = cli("export", ckpt, *flags, "--adapter", tmp_path / "adapter", "--stages", "hf", "--out", tmp_path / "lora")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "lora" / "manifest.json").read_text())
+    assert manifest["name"] == "gpt-lora" and manifest["source"]["adapter"]["rank"] == 4
+    report = json.loads((tmp_path / "lora" / "reports" / "verify.json").read_text())["stages"][0]
+    assert report["status"] == "passed" and any("PeftModel" in r["case"] for r in report["rows"])
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "lora", trust_remote_code=True),
+                                       tmp_path / "lora" / "adapter").eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert _rel_l2(got.numpy(), want.numpy()) <= 1e-5
+
+    # the same adapter as plain tensors: {module}.lora_A / .lora_B, alpha given on the command line
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    torch.save({k.removeprefix("base_model.model."): v for k, v in state.items()}, tmp_path / "lora.pth")
+    code, err = cli("export", ckpt, *flags, "--adapter", tmp_path / "lora.pth", "--merge-adapter", "--lora-alpha", "8",
+                    "--stages", "hf,onnx", "--out", tmp_path / "merged")
+    assert code == 0, err
+    graph = _ort(tmp_path / "merged" / "onnx" / "model.onnx", {"input_ids": ids.numpy()})[0]
+    assert _rel_l2(graph, want.numpy()) <= 1e-5
+    code, err = cli("export", ckpt, *flags, "--adapter", tmp_path / "lora.pth", "--out", tmp_path / "x")
+    assert "--lora-alpha" in error_line(err) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.covers("source:custom")
+def test_the_input_spec_extends_the_one_shape_declaration():
+    """One DeclaredIO drives the ONNX dynamic axes, the verification sizes (min, max and a
+    size other than the traced one, per dim) and the TensorRT profile (min/opt/max)."""
+    import yaml
+
+    from exportline.exporters.core.errors import ConfigError
+    from exportline.exporters.core.shapes import declared_io, optimization_profiles
+
+    io = declared_io(yaml.safe_load((MODULES / "motion_inputs.yaml").read_text()))
+    assert io.dynamic_axes()["poses"] == {0: "batch", 1: "frames"} and io.dynamic_axes()["text"] == {0: "batch"}
+    traced = io.trace_sizes()
+    sizes = io.case_sizes()
+    for dim in io.dims:
+        seen = {s[dim.name] for s in sizes}
+        assert {dim.min, dim.max} <= seen and seen - {traced[dim.name], dim.min, dim.max}
+    (profile,) = optimization_profiles(io)
+    assert profile.shapes["poses"] == ((1, 2, 20), (2, 8, 20), (4, 40, 20)) and profile.shapes["text"][2] == (4, 1024)
+    feed = io.sample({"batch": 3, "frames": 5}, seed=1)
+    assert feed["actions"].dtype == np.int64 and feed["actions"].max() < 12 and feed["poses"].shape == (3, 5, 20)
+    assert declared_io(io.to_dict()) == io  # what config.json records reads back the same, in order
+    bad = {"dims": {"batch": {"min": 1, "max": 4}}, "inputs": {"ids": {"dtype": "int64", "shape": ["batch", "seq"],
+                                                                       "values": [0, 9]}}, "outputs": {"y": {"shape": ["batch"]}}}
+    with pytest.raises(ConfigError, match="uses dim 'seq'"):
+        declared_io(bad)
+
+
+@pytest.mark.covers("source:custom")
+def test_parameter_expectations_parse_and_judge():
+    from exportline.exporters.core.errors import ConfigError
+    from exportline.exporters.core.presets import ParamExpectation
+
+    for text in ("15.8M[±5%]", "15.8M±5%", "15.8m +-5%", "15800000"):
+        e = ParamExpectation.parse(text)
+        assert e.count == 15.8e6 and e.tolerance == 0.05
+    assert ParamExpectation.parse("28M").problem(27_000_000) is None
+    assert "+10.0%" in ParamExpectation.parse("5.6M±5%").problem(6_160_000)
+    with pytest.raises(ConfigError):
+        ParamExpectation.parse("lots")

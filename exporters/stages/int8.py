@@ -189,7 +189,6 @@ def _run(ctx: StageContext) -> dict[str, Any]:
 
     if is_custom(ctx.bundle.root):
         return _run_declared(ctx)
-    source = ctx.bundle_file(SOURCE)
     layout, max_positions = _layout(ctx)
     text = calibration_path(ctx.options.calibration_data)
     split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
@@ -232,7 +231,7 @@ def _run_declared(ctx: StageContext) -> dict[str, Any]:
 def _quantized(ctx: StageContext, make_reader: Callable):
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
     try:
-        return _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader, scratch)
+        return _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader=make_reader, scratch=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -248,7 +247,7 @@ def _write(ctx: StageContext, model) -> list[str]:
     return files
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, make_reader: Callable, scratch: Path):
+def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callable, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph.
     `make_reader(path, observe)` gives the calibration reader (see KVCalibrationReader)."""
     graph = load_graph(source, infer=False, weights=False)

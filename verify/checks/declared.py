@@ -67,7 +67,7 @@ def _bounds(ctx: CheckContext, key: str, names: tuple[str, ...]) -> dict[str, fl
     return {m: float(ctx.thresholds[key][m]) for m in names if m in ctx.thresholds[key]}
 
 
-def _rows(stage, case, out, ref, bounds_of) -> list[CheckRow]:
+def _rows(stage, case, *, out, ref, bounds_of) -> list[CheckRow]:
     rows = []
     for name, want in ref.items():
         bounds, top1 = bounds_of(name)
@@ -86,7 +86,7 @@ def check_graph(ctx: CheckContext, *, stage: str, backend: str, bounds_of) -> St
     rows: list[CheckRow] = []
     with candidate:
         for name, feed, ref in expected:
-            rows += _rows(stage, name, candidate.infer(feed), ref, bounds_of)
+            rows += _rows(stage, name, out=candidate.infer(feed), ref=ref, bounds_of=bounds_of)
     return StageReport.from_rows(stage, rows, "the module (the bundle's remote code) in torch float64 on CPU",
                                  cases=[name for name, _, _ in expected], traced=io.trace_sizes())
 
@@ -118,8 +118,8 @@ def check_int8(ctx: CheckContext) -> StageReport:
             got = int8.infer(feed)
             # logits: judged by top-1 (DESIGN.md §6), rel_l2 reported; a routed module (MoE
             # top-k) may flip a token's experts under int8 noise, a jump rel_l2 would punish
-            rows += _rows("int8", f"{name}, int8 vs fp32 graph", got, want,
-                          lambda out: ({} if out == "logits" else {"rel_l2": float(t["rel_l2"])}, out == "logits"))
+            rows += _rows("int8", f"{name}, int8 vs fp32 graph", out=got, ref=want,
+                          bounds_of=lambda out: ({} if out == "logits" else {"rel_l2": float(t["rel_l2"])}, out == "logits"))
             if "logits" in want and "logits" in got and np.shape(got["logits"]) == np.shape(want["logits"]):
                 agree += int((got["logits"].argmax(-1) == want["logits"].argmax(-1)).sum())
                 positions += int(want["logits"][..., 0].size)
@@ -144,8 +144,8 @@ def check_hf(ctx: CheckContext) -> StageReport:
         bundle = load_bundle_module(ctx.root, dtype)
         bounds = _bounds(ctx, key, ("rel_l2", "max_abs_over_max_ref"))
         for name, feed, want in wants:
-            rows += _rows("hf", f"{name}, AutoModel {dtype}", run_module(bundle, io, feed), want,
-                          lambda out: (bounds, out == "logits"))
+            rows += _rows("hf", f"{name}, AutoModel {dtype}", out=run_module(bundle, io, feed), ref=want,
+                          bounds_of=lambda out, bounds=bounds: (bounds, out == "logits"))
     if source.get("task") == "causal-lm":
         rows.append(_generate_row(ctx.root, original, io))
     adapter = source.get("adapter") or {}
@@ -187,13 +187,11 @@ def _adapter_rows(ctx: CheckContext, original, *, wants, io) -> list[CheckRow]:
     from peft import PeftModel
     from transformers import AutoModel
 
-    from exportline.exporters.sources.custom.adapter import ADAPTER_DIR, read_adapter
+    from exportline.exporters.sources.custom.adapter import ADAPTER_DIR, merge_into, read_adapter
     from exportline.exporters.sources.hf_writer import quiet_transformers
 
     adapter = ctx.manifest["source"]["adapter"]
     merged = copy.deepcopy(original)
-    from exportline.exporters.sources.custom.adapter import merge_into
-
     merge_into(merged, read_adapter(Path(adapter["path"]), alpha=adapter["alpha"], rank=adapter["rank"]))
     ctx.progress("verify hf: PeftModel (adapter/) vs the module with the adapter merged in float64")
     with quiet_transformers():
@@ -203,8 +201,8 @@ def _adapter_rows(ctx: CheckContext, original, *, wants, io) -> list[CheckRow]:
     bounds = _bounds(ctx, "fp32", ("rel_l2", "max_abs_over_max_ref"))
     rows = []
     for name, feed in wants:
-        rows += _rows("hf", f"{name}, PeftModel float32 vs merged", run_module(inner, io, feed),
-                      run_module(merged, io, feed), lambda out: (bounds, out == "logits"))
+        rows += _rows("hf", f"{name}, PeftModel float32 vs merged", out=run_module(inner, io, feed),
+                      ref=run_module(merged, io, feed), bounds_of=lambda out: (bounds, out == "logits"))
     return rows
 
 

@@ -124,7 +124,7 @@ def merge_into(model, adapter: LoraAdapter) -> None:
             weight.copy_((weight.double() + adapter.scale * (b.double() @ a.double())).to(weight.dtype))
 
 
-def write_peft_adapter(hf_folder: Path, adapter: LoraAdapter, model, dest: Path, *, base_name: str) -> list[str]:
+def write_peft_adapter(hf_folder: Path, adapter: LoraAdapter, model, *, dest: Path, base_name: str) -> list[str]:
     """The adapter as a PEFT folder for the remote-code model in `hf_folder` (module paths
     under the wrapper's `model.`), written by peft itself."""
     try:
@@ -147,5 +147,6 @@ def write_peft_adapter(hf_folder: Path, adapter: LoraAdapter, model, dest: Path,
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
         raise SourceError(f"--adapter: peft did not place {result.unexpected_keys[0]}; this is a bug, please report it")
-    peft_model.save_pretrained(str(dest))
+    # no embedding layers to save (LoRA on Linear only); "auto" would look the base name up on the Hub
+    peft_model.save_pretrained(str(dest), save_embedding_layers=False)
     return sorted(p.relative_to(dest.parent).as_posix() for p in dest.rglob("*") if p.is_file())

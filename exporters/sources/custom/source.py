@@ -144,7 +144,7 @@ class CustomSource:
         files += write_hf_weights(state, dest)
         if self.adapter is not None and not self.merged:
             progress(f"hf: LoRA adapter ({len(self.adapter.pairs)} modules, rank {self.adapter.rank}) → {ADAPTER_DIR}/")
-            files += write_peft_adapter(dest, self.adapter, self.model, dest / ADAPTER_DIR, base_name=self.name)
+            files += write_peft_adapter(dest, self.adapter, self.model, dest=dest / ADAPTER_DIR, base_name=self.name)
         return {"files": files, "architecture": names["wrapper"], "model_type": names["model_type"],
                 "parameters": self.parameters, "task": self.task,
                 "load_with": f"AutoModel{'ForCausalLM' if self.task == 'causal-lm' else ''}.from_pretrained(DIR, trust_remote_code=True)",
