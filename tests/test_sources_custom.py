@@ -113,6 +113,10 @@ def test_every_stage_exports_and_verifies(exported):
     assert manifest["source"]["kind"] == "custom" and "--model-class" in manifest["source"]["user_code"]
     report = {s["stage"]: s for s in json.loads((bundle / "reports" / "verify.json").read_text())["stages"]}
     assert all(report[s]["status"] == "passed" for s in ("hf", "onnx", "fp16", "int8")), err
+    code, err = cli("verify", bundle, "--stage", "onnx")  # the bundle alone suffices
+    assert code == 0, err
+    code, err = cli("bench", bundle)  # not built for custom modules yet: said so, in one line
+    assert code != 0 and "not available" in error_line(err)
     traced = report["onnx"]["extra"]["traced"]
     for dim, size in traced.items():  # every dynamic dim was checked at sizes other than the traced one
         assert any(f"{dim}={size}" not in case for case in report["onnx"]["extra"]["cases"])
@@ -194,6 +198,11 @@ def test_a_wrong_parameter_count_is_refused_before_anything_is_written(tmp_path)
                     "--no-verify", "--out", tmp_path / "b")
     assert code == 0, err
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["source"]["variant"] == "right"
+    # torch.hub: one entry per variant, loading this bundle's weights (nothing downloaded)
+    hub = torch.hub.load(str(tmp_path / "b"), "tinygpt_right", source="local").eval()
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hub(input_ids=ids).logits, model(ids)[0], rtol=0, atol=0)
 
 
 @pytest.mark.covers("source:custom")
