@@ -160,8 +160,7 @@ def generate_from_bundle(
     progress: Callable[[str], None] = lambda message: None,
 ) -> BundleGeneration:
     """Text prompts go through the bundle's tokenizer (left padding); `token_ids` bypass it."""
-    from transformers import AutoConfig
-
+    from exportline.exporters.sources.hf_writer import load_config
     from exportline.verify.runtime.backends import make_runner
 
     root = Path(root)
@@ -174,7 +173,7 @@ def generate_from_bundle(
     if is_custom(root):  # its graphs have no KV cache and its folder no tokenizer
         raise NotAvailable(f"{root} holds a custom module: `exportline generate` is not available for it; use "
                            "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).generate(...)")
-    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    config = load_config(root)
     tokenizer = _tokenizer(root) if prompts else None
     if prompts and tokenizer is None:
         raise ConfigError(f"{root} has no tokenizer; pass token ids instead: --token-ids 1,2,3")

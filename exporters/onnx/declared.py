@@ -25,11 +25,13 @@ from exportline.exporters.core.shapes import DeclaredIO, resolve_dims
 EXPORTER = "torch.export (non-strict, declared dynamic dims) + torch.onnx"
 
 
-def export_declared(root: Path, out_dir: Path, *, opset: int, progress: Callable[[str], None]) -> dict[str, Any]:
+def export_declared(root: Path, out_dir: Path, *, opset: int, source: dict[str, Any],
+                    progress: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from exportline.exporters.onnx.export import _quiet
     from exportline.exporters.onnx.external_data import check_graph, save_graph
+    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
     from exportline.exporters.sources.custom.model import bundle_io, flat_module, load_bundle_module
 
     io, task = bundle_io(root)
@@ -57,6 +59,8 @@ def export_declared(root: Path, out_dir: Path, *, opset: int, progress: Callable
                              "autograd functions)") from None
     model = onnx_program.model_proto
     _name_dims(model.graph, io)
+    stamp(model, graph_metadata(source=source, precision="fp32", layout=io,
+                                made_by=[f"exportline {exportline_version()} onnx stage ({EXPORTER}, torch {torch.__version__})"]))
     target = out_dir / "model.onnx"
     files = save_graph(model, target)
     check_graph(target)

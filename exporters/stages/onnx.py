@@ -29,9 +29,11 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     if is_custom(ctx.bundle.root):  # a custom module: its declared I/O, no KV cache
         from exportline.exporters.onnx.declared import export_declared
 
-        return export_declared(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(), progress=ctx.progress)
+        return export_declared(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(),
+                               source=ctx.source.describe(), progress=ctx.progress)
 
-    result = export_onnx(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(), progress=ctx.progress)
+    result = export_onnx(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(),
+                         source=ctx.source.describe(), progress=ctx.progress)
     return result.record()
 
 
