@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exportline.exporters.core.layout import HUBCONF
+
 TEMPLATE = Path(__file__).with_name("hubconf_template.py")
+__all__ = ["HUBCONF", "TEMPLATE", "hubconf_text"]  # HUBCONF: the file name, re-exported for prepare and the tests
 
 
 def hubconf_text(manifest: dict | None = None) -> str:

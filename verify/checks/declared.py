@@ -74,9 +74,9 @@ def _rows(stage, case, *, out, ref, bounds_of) -> list[CheckRow]:
         got = out.get(name)
         if got is None or np.shape(got) != np.shape(want):
             note = "output missing" if got is None else f"output shape {list(np.shape(got))}"
-            rows.append(judge(stage, case, name, np.shape(want), {}, bounds or {"rel_l2": 0.0}, note=note))
+            rows.append(judge(stage, case, name, shape=np.shape(want), metrics={}, bounds=bounds or {"rel_l2": 0.0}, note=note))
         else:
-            rows.append(tensor_row(stage, case, name, np.asarray(got, np.float64), want, bounds, top1=top1))
+            rows.append(tensor_row(stage, case, name, out=np.asarray(got, np.float64), ref=want, bounds=bounds, top1=top1))
     return rows
 
 
@@ -124,8 +124,8 @@ def check_int8(ctx: CheckContext) -> StageReport:
                 agree += int((got["logits"].argmax(-1) == want["logits"].argmax(-1)).sum())
                 positions += int(want["logits"][..., 0].size)
     if positions:
-        rows.append(judge("int8", "all cases pooled, int8 vs fp32 graph", "logits argmax", (positions,),
-                          {"top1": agree / positions}, {"top1": float(t["top1"])}))
+        rows.append(judge("int8", "all cases pooled, int8 vs fp32 graph", "logits argmax", shape=(positions,),
+                          metrics={"top1": agree / positions}, bounds={"top1": float(t["top1"])}))
     return StageReport.from_rows("int8", rows, "onnx/model.onnx (fp32) on ONNX Runtime CPU, declared cases",
                                  cases=[name for name, _ in feeds])
 
@@ -187,14 +187,14 @@ def _adapter_rows(ctx: CheckContext, original, *, wants, io) -> list[CheckRow]:
     from peft import PeftModel
     from transformers import AutoModel
 
-    from exportline.exporters.sources.custom.adapter import ADAPTER_DIR, merge_into, read_adapter
+    from exportline.exporters.sources.custom.adapter import ADAPTER_DIR, merge_into, quiet_peft, read_adapter
     from exportline.exporters.sources.hf_writer import quiet_transformers
 
     adapter = ctx.manifest["source"]["adapter"]
     merged = copy.deepcopy(original)
     merge_into(merged, read_adapter(Path(adapter["path"]), alpha=adapter["alpha"], rank=adapter["rank"]))
     ctx.progress("verify hf: PeftModel (adapter/) vs the module with the adapter merged in float64")
-    with quiet_transformers():
+    with quiet_transformers(), quiet_peft():
         peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(ctx.root), trust_remote_code=True),
                                                str(ctx.root / ADAPTER_DIR)).eval()
     inner = peft_model.base_model.model.model  # the user's module with LoRA layers injected
@@ -226,5 +226,5 @@ def _generate_row(root: Path, original, io) -> CheckRow:
     want = seq[0, ids.shape[1]:].tolist()
     same = sum(a == b for a, b in zip(got, want)) / GREEDY_STEPS
     return judge("hf", f"generate() greedy {GREEDY_STEPS} tokens, AutoModelForCausalLM float32", "greedy tokens",
-                 (1, GREEDY_STEPS), {"identical_fraction": same}, {"identical_fraction": 1.0},
+                 shape=(1, GREEDY_STEPS), metrics={"identical_fraction": same}, bounds={"identical_fraction": 1.0},
                  note="" if same == 1 else f"generate {got} vs reference {want}")

@@ -7,9 +7,11 @@ W' = W + scale · B @ A with scale = alpha / r (alpha / √r with rsLoRA), compu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,15 @@ def merge_into(model, adapter: LoraAdapter) -> None:
             weight.copy_((weight.double() + adapter.scale * (b.double() @ a.double())).to(weight.dtype))
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 calls transformers' deprecated is_gradient_checkpointing (a FutureWarning
+    about their APIs, not the user's input); library code does not print it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def write_peft_adapter(hf_folder: Path, adapter: LoraAdapter, model, *, dest: Path, base_name: str) -> list[str]:
     """The adapter as a PEFT folder for the remote-code model in `hf_folder` (module paths
     under the wrapper's `model.`), written by peft itself."""
@@ -140,7 +151,8 @@ def write_peft_adapter(hf_folder: Path, adapter: LoraAdapter, model, *, dest: Pa
         base = AutoModel.from_pretrained(str(hf_folder), trust_remote_code=True)
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, use_rslora=adapter.rslora, lora_dropout=0.0,
                         target_modules=[f"model.{p}" for p in modules])
-    peft_model = get_peft_model(base, config)
+    with quiet_peft():
+        peft_model = get_peft_model(base, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_name  # not the stage's temporary folder
     state = {f"{PEFT_PREFIX}model.{p}.lora_{w}.weight": t.contiguous() for p, (a, b) in modules.items()
              for w, t in (("A", a), ("B", b))}
