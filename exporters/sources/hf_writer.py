@@ -71,8 +71,11 @@ def translate_write_error(exc: Exception, path: Path) -> Exception:
 
 
 def write_config_files(config, dest: Path) -> None:
-    """config.json (fp32) and a greedy generation_config.json from the model config."""
+    """config.json (fp32) and a greedy generation_config.json from the model config; then
+    config.json and tokenizer_config.json made readable by transformers 4.x too (hf_compat)."""
     from transformers import GenerationConfig
+
+    from exportline.exporters.sources.hf_compat import make_portable
 
     config.dtype = "float32"
     config.save_pretrained(dest)
@@ -81,6 +84,7 @@ def write_config_files(config, dest: Path) -> None:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         do_sample=False, max_length=max_length,
     ).save_pretrained(dest)
+    make_portable(dest)
 
 
 def load_config(folder: Path):
