@@ -125,6 +125,8 @@ def test_every_stage_exports_and_verifies(exported):
 
     graph = onnx.load(bundle / "onnx" / "model.onnx", load_external_data=False).graph
     config = json.loads((bundle / "config.json").read_text())
+    # transformers.js / onnxruntime-genai run KV-cache LM graphs: a custom module gets neither config
+    assert "transformers.js_config" not in config and not (bundle / "genai_config.json").exists()
     for value, declared in zip(graph.input, config["exportline_io"]["inputs"]):  # axes named as declared
         assert value.name == declared["name"]
         assert [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] == declared["shape"]
