@@ -369,3 +369,26 @@ def test_parameter_expectations_parse_and_judge():
     assert "+10.0%" in ParamExpectation.parse("5.6M±5%").problem(6_160_000)
     with pytest.raises(ConfigError):
         ParamExpectation.parse("lots")
+
+
+@pytest.mark.covers("source:custom")
+def test_calibration_inputs_come_from_the_spec_or_the_users_npz(tmp_path):
+    import yaml
+
+    from exportline.exporters.core.errors import ConfigError
+    from exportline.exporters.core.shapes import declared_io
+    from exportline.exporters.precision.declared_calibration import CALIBRATION_BATCH, SAMPLED_FEEDS, declared_feeds
+
+    io = declared_io(yaml.safe_load((MODULES / "motion_inputs.yaml").read_text()))
+    sampled = declared_feeds(io, None)
+    assert len(sampled) == SAMPLED_FEEDS and len({f["poses"].shape for f in sampled}) > 1  # several shapes
+    rng = np.random.default_rng(0)
+    arrays = {"poses": rng.standard_normal((10, 6, 20)), "text": rng.standard_normal((10, 1024)),
+              "actions": rng.integers(0, 12, (10, 6))}
+    np.savez(tmp_path / "calib.npz", **arrays)
+    feeds = declared_feeds(io, tmp_path / "calib.npz")
+    assert [len(f["poses"]) for f in feeds] == [CALIBRATION_BATCH, CALIBRATION_BATCH, 10 - 2 * CALIBRATION_BATCH]
+    np.testing.assert_array_equal(np.concatenate([f["actions"] for f in feeds]), arrays["actions"])
+    np.savez(tmp_path / "short.npz", poses=arrays["poses"], text=arrays["text"])
+    with pytest.raises(ConfigError, match="no array for input actions"):
+        declared_feeds(io, tmp_path / "short.npz")
