@@ -392,3 +392,16 @@ def test_calibration_inputs_come_from_the_spec_or_the_users_npz(tmp_path):
     np.savez(tmp_path / "short.npz", poses=arrays["poses"], text=arrays["text"])
     with pytest.raises(ConfigError, match="no array for input actions"):
         declared_feeds(io, tmp_path / "short.npz")
+
+
+@pytest.mark.covers("source:custom")
+def test_presets_and_variants_share_the_parameter_check():
+    """A preset's `expect_params:` goes through the same ParamExpectation as --expect-params."""
+    from exportline.exporters.core.errors import ConfigError
+    from exportline.exporters.core.presets import load_preset
+    from exportline.exporters.sources import resolve_source
+
+    count = load_preset("tiny").parameter_count()
+    assert resolve_source("tiny", {"expect_params": f"{count}±0%"}).name == "tiny"
+    with pytest.raises(ConfigError, match=r"preset tiny: .* off the expected 15\.8M"):
+        resolve_source("tiny", {"expect_params": "15.8M±5%"})
