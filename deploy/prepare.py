@@ -98,7 +98,7 @@ def plan_prepared(
             f"restore it or re-run the stage: exportline export SOURCE --out {bundle.root} --stages {stage} --force"
         )
     manifest = _with_settings(manifest, datasets=datasets, license=license, base_model=base_model)
-    texts = {HUBCONF: hubconf_text()}
+    texts = {HUBCONF: hubconf_text(manifest)}
     files = _with_texts(bundle.list_files(previous=manifest.get("files", [])), texts)
     texts[README] = render_card(load_inputs(bundle.root, manifest={**manifest, "files": files}, repo_id=repo_id))
     return Prepared({**manifest, "files": _with_texts(files, texts)}, texts)
