@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 TEMPLATE = Path(__file__).with_name("hubconf_template.py")
-__all__ = ["HUBCONF", "TEMPLATE", "hubconf_text"]  # HUBCONF: the file name, re-exported for prepare and the tests
 
 
 def hubconf_text(manifest: dict | None = None) -> str:
