@@ -73,10 +73,15 @@ class BackendRun:
 
 
 def _require_bundle(root: Path) -> Bundle:
+    from exportline.exporters.sources.custom.model import is_custom
+
     bundle = Bundle(root)
     if not bundle.manifest_path.is_file() or not (root / "config.json").is_file():
         raise ArtifactError(f"{root} is not an exported bundle (no manifest.json/config.json); "
                             f"export it first: exportline export MODEL --out {root}")
+    if is_custom(root):  # the workloads here are KV-cache prefill/decode of the built-in LMs
+        raise NotAvailable(f"{root} holds a custom module: benchmarking custom modules is not available yet "
+                           "(time its ONNX graphs with onnxruntime directly; see the card's 'How to use')")
     return bundle
 
 

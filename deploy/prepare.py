@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from exportline.deploy.card import README, load_inputs, render_card
-from exportline.deploy.torchhub import HUBCONF, hubconf_text
+from exportline.deploy.torchhub import hubconf_text
 from exportline.exporters.core.bundle import MANIFEST_FORMAT, Bundle, sha256_file, write_text_atomic
 from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.layout import HUBCONF
 
 
 def stale_stage_outputs(bundle: Bundle, manifest: dict[str, Any]) -> list[tuple[str, str]]:
@@ -97,7 +98,7 @@ def plan_prepared(
             f"restore it or re-run the stage: exportline export SOURCE --out {bundle.root} --stages {stage} --force"
         )
     manifest = _with_settings(manifest, datasets=datasets, license=license, base_model=base_model)
-    texts = {HUBCONF: hubconf_text()}
+    texts = {HUBCONF: hubconf_text(manifest)}
     files = _with_texts(bundle.list_files(previous=manifest.get("files", [])), texts)
     texts[README] = render_card(load_inputs(bundle.root, manifest={**manifest, "files": files}, repo_id=repo_id))
     return Prepared({**manifest, "files": _with_texts(files, texts)}, texts)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exportline.deploy.engines import EngineCheck, check_engine
-from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable, OutputError
 from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 
@@ -62,10 +62,13 @@ class TritonModel:
 
 
 def layout_of(root: Path) -> KVLayout:
+    from exportline.exporters.sources.custom.model import is_custom
     from exportline.exporters.sources.hf_writer import load_config
 
     if not (Path(root) / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export the hf stage first: exportline export SOURCE --out {root}")
+    if is_custom(root):  # the Triton configs written here are the KV-cache LM ones
+        raise NotAvailable(f"{root} holds a custom module: the Triton handoff is not available for it yet")
     return KVLayout.from_config(load_config(root))
 
 

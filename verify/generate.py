@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from exportline.exporters.core.errors import ArtifactError, ConfigError
+from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
 from exportline.exporters.core.shapes import KVLayout
 from exportline.verify.cases import positions
 from exportline.verify.runtime.base import Runner
@@ -204,6 +204,11 @@ def generate_from_bundle(
         raise ConfigError("give prompts (--prompt TEXT) or token ids (--token-ids 1,2,3), not both or neither")
     if not (root / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export it first: exportline export SOURCE --out {root}")
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if is_custom(root):  # its graphs have no KV cache and its folder no tokenizer
+        raise NotAvailable(f"{root} holds a custom module: `exportline generate` is not available for it; use "
+                           "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).generate(...)")
     config = load_config(root)
     tokenizer = _tokenizer(root) if prompts else None
     if prompts and tokenizer is None:

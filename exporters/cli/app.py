@@ -10,9 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from exportline.exporters.cli.options import ForceOpt, OutOpt, SetOpt, TrustOpt, err
-from exportline.exporters.core.errors import ExportlineError
+from exportline.exporters.core.errors import ConfigError, ExportlineError
 
 app = typer.Typer(
     name="exportline",
@@ -40,6 +41,38 @@ def export(
     meta: Annotated[Optional[Path], typer.Option("--meta", help="nanoGPT meta.pkl (char vocabulary) when it is not found beside the .pt or in data/<dataset>/.")] = None,
     with_training_state: Annotated[bool, typer.Option("--with-training-state", help="nanoGPT: also store optimizer, iter_num, best_val_loss, config in training/ (for to-checkpoint).")] = False,
     trust_remote_code: TrustOpt = False,
+    model_class: Annotated[Optional[str], typer.Option(
+        help="FILE.py:ClassName — export SOURCE (a state dict) as this nn.Module of yours. RUNS YOUR CODE: "
+             "importing FILE.py is the only place exportline executes user code, and only with this flag "
+             "(recorded in the manifest).", rich_help_panel="Your own nn.Module")] = None,
+    model_args: Annotated[Optional[Path], typer.Option(
+        help="YAML/JSON of constructor kwargs (default: model_args/config stored in the checkpoint).",
+        rich_help_panel="Your own nn.Module")] = None,
+    inputs: Annotated[Optional[Path], typer.Option(
+        help="Input spec YAML: dims (min/opt/max), inputs (dtype, shape, values|distribution), outputs. "
+             "Default for causal-lm: input_ids → logits.", rich_help_panel="Your own nn.Module")] = None,
+    task: Annotated[str, typer.Option(help="causal-lm (AutoModelForCausalLM, generate) or forward (AutoModel).",
+                                      rich_help_panel="Your own nn.Module")] = "causal-lm",
+    expect_params: Annotated[Optional[str], typer.Option(
+        help="Refuse a parameter count off this, e.g. 15.8M or 15.8M±5%, before anything is written.",
+        rich_help_panel="Your own nn.Module")] = None,
+    variants: Annotated[Optional[Path], typer.Option(
+        help="YAML with `variants:` name → {model_args, params}; use with --variant.",
+        rich_help_panel="Your own nn.Module")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Row of --variants to export.",
+                                                   rich_help_panel="Your own nn.Module")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        help="LoRA adapter: a PEFT adapter folder, or a .pth of lora_A/lora_B tensors (with --lora-alpha). "
+             "Written as adapter/ for peft.PeftModel.from_pretrained, or merged with --merge-adapter.",
+        rich_help_panel="Your own nn.Module")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="alpha of a .pth adapter.", rich_help_panel="Your own nn.Module")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="rank of a .pth adapter (checked against lora_A).",
+                                                     rich_help_panel="Your own nn.Module")] = None,
+    merge_adapter: Annotated[bool, typer.Option("--merge-adapter", help="Merge the adapter into the weights; every stage runs on the merged model.",
+                                                rich_help_panel="Your own nn.Module")] = False,
+    calibration_inputs: Annotated[Optional[Path], typer.Option(
+        help="int8 of a custom module: .npz of input arrays to calibrate on (default: sampled from the spec).",
+        rich_help_panel="Your own nn.Module")] = None,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from exportline.exporters.core.bundle import Bundle
@@ -48,13 +81,22 @@ def export(
     from exportline.exporters.sources import resolve_source
     from exportline.exporters.stages import parse_stages
 
+    custom = None
+    if model_class:
+        custom = {"model_class": model_class, "model_args": model_args, "inputs": inputs, "task": task,
+                  "expect_params": expect_params, "variants": variants, "variant": variant, "adapter": adapter,
+                  "lora_alpha": lora_alpha, "lora_rank": lora_rank, "merge_adapter": merge_adapter}
+    elif merge_adapter or any(v is not None for v in (model_args, inputs, expect_params, variants, variant, calibration_inputs,
+                                                      adapter, lora_alpha, lora_rank)):
+        raise ConfigError("--model-args, --inputs, --expect-params, --variants, --calibration-inputs and --adapter "
+                          "need --model-class FILE.py:Class")
     src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                         meta=meta)
+                         custom=custom, meta=meta)
     for warning in getattr(src, "warnings", list)():
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     bundle = Bundle(out or Path("out") / src.name)
     options = ExportOptions(
-        calibration_data=calibration_data, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
+        calibration_data=calibration_data, calibration_inputs=calibration_inputs, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
         trt_workspace_gib=trt_workspace_gib, with_training_state=with_training_state,
     )
     with err.status("exporting…") as status:
@@ -119,7 +161,7 @@ def main() -> None:
     try:
         app()
     except ExportlineError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: nothing half-written was left for a rerun to trust")

@@ -41,6 +41,7 @@ class ExportOptions:
     enter its fingerprint. None means the stage's own default."""
 
     calibration_data: Path | None = None  # int8: text to calibrate on
+    calibration_inputs: Path | None = None  # int8 of a custom module: .npz of inputs (default: sampled from its spec)
     opset: int | None = None  # onnx
     trt_max_batch: int | None = None
     trt_max_sequence: int | None = None

@@ -30,6 +30,7 @@ class Preset:
     checkpoint: str | None = None
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     thresholds: dict[str, Any] = field(default_factory=dict)
+    expect_params: str | None = None  # e.g. "15.8M±5%": checked by resolve_source before anything is written
 
     @property
     def random_init(self) -> bool:
@@ -107,3 +108,76 @@ def load_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
 def load_thresholds(preset: Preset | None = None) -> dict[str, dict[str, Any]]:
     base = yaml.safe_load((config_dir() / "thresholds.yaml").read_text())
     return _merge(base, preset.thresholds) if preset else base
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class ParamExpectation:
+    """An expected parameter count with a tolerance: `15.8M`, `15.8M±5%`, `15.8M[±5%]`,
+    `5600000+-2%` (default tolerance 5 %). Presets (`expect_params:`), variants tables and
+    `--expect-params` all go through `check`."""
+
+    count: float
+    tolerance: float  # fraction: 0.05 = ±5 %
+    text: str
+
+    @classmethod
+    def parse(cls, text: str | int | float, *, where: str = "--expect-params") -> "ParamExpectation":
+        import re
+
+        raw = str(text).strip()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*\[?\s*(?:(?:±|\+-|\+/-)\s*([0-9]*\.?[0-9]+)\s*%)?\s*\]?", raw)
+        if not m:
+            raise ConfigError(f"{where} {raw!r}: expected a count like 15.8M or 15.8M±5% (units k, M, B)")
+        count = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        return cls(count, float(m.group(3)) / 100 if m.group(3) else 0.05, raw)
+
+    def problem(self, actual: int) -> str | None:
+        off = actual / self.count - 1
+        if abs(off) <= self.tolerance + 1e-12:
+            return None
+        return (f"{actual:,} parameters ({_human(actual)}) is {off:+.1%} off the expected {self.text} "
+                f"(±{self.tolerance:.0%} allowed)")
+
+    def check(self, actual: int, *, what: str) -> None:
+        problem = self.problem(actual)
+        if problem:
+            raise ConfigError(f"{what}: {problem}; wrong checkpoint or model args? Nothing was written")
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a user's variants table: constructor kwargs and the size it must have."""
+
+    name: str
+    model_args: dict[str, Any]
+    expect_params: ParamExpectation | None
+
+
+def load_variants(path: Path) -> dict[str, Variant]:
+    """`variants:` {name: {model_args: {...}, params: "5.6M±5%"}} from a YAML the user keeps."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--variants {path}: cannot read ({str(exc).splitlines()[0]})") from None
+    table = raw.get("variants") if isinstance(raw, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"--variants {path}: needs a `variants:` mapping of name → {{model_args, params}}")
+    out = {}
+    for name, row in table.items():
+        row = row or {}
+        if not isinstance(row.get("model_args", {}), dict):
+            raise ConfigError(f"--variants {path}: variant {name!r} model_args must be a mapping")
+        params = row.get("params")
+        out[str(name)] = Variant(str(name), dict(row.get("model_args") or {}),
+                                 ParamExpectation.parse(params, where=f"variant {name} params") if params else None)
+    return out
