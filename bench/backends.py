@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..exporters.errors import ConfigError, ExportlineError, NotAvailable
+from ..exporters.errors import ConfigError, ExportlineError, IntegrityError, NotAvailable
 from ..exporters.measure import current_rss_bytes
 
 # Backend → precision of its weights (the roofline's bytes per weight), in report order.
@@ -101,6 +101,8 @@ def open_backend(root: Path, backend: str, *, device: str, threads: int, factory
     try:
         runner = factory(root, backend, **options)
         runner.activate()
+    except IntegrityError:
+        raise  # files the manifest lists are broken: an error, not an absent backend
     except ExportlineError as exc:  # NotAvailable, ArtifactError, …: the registry says why
         opened.reason = str(exc)
         return opened

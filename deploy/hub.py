@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..exporters.bundle import MANIFEST, Bundle, sha256_file
+from ..exporters.bundle import MANIFEST, REGENERATED, Bundle, sha256_file
 from ..exporters.errors import ArtifactError, ConfigError, HubError
 from .card import README
 from .card_check import check_card
@@ -157,7 +157,15 @@ def push_bundle(
         raise ConfigError(f"--tag {tag!r} is not a valid tag name; use e.g. v1.0.0")
     bundle = Bundle(root)
     token = resolve_token(token)
+    if not bundle.manifest_path.is_file():
+        raise ArtifactError(f"{bundle.root} is not an exportline bundle (no manifest.json); export one first: "
+                            f"exportline export SOURCE --out {bundle.root}")
     with bundle.lock():
+        # A push publishes the checksums: every listed file is hashed now, whatever its mtime
+        # says; README.md and hubconf.py are regenerated below anyway.
+        progress("checking every file against manifest.json (sha256)")
+        listed = [f["path"] for f in bundle.read_manifest().get("files", []) if f["path"] not in REGENERATED]
+        bundle.require_intact(listed, fast=False)
         progress("preparing README.md, hubconf.py and manifest.json")
         manifest = prepare_locked(bundle, repo_id=repo_id)
         problems = check_card(bundle.root)

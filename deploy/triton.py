@@ -139,6 +139,7 @@ def write_triton_repo(
         prefix = Path(plan).name.split(".")[0]
         precision = prefix if prefix in ONNX_BY_PRECISION else precision
     precision = precision or "fp32"
+    _require_intact(root, plan or ONNX_BY_PRECISION[precision])
     model = describe_model(root, backend=backend, name=name, onnx_rel=ONNX_BY_PRECISION[precision])
     final = out / name
     if final.exists():
@@ -224,6 +225,19 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copyfile(src, dest)
+
+
+def _require_intact(root: Path, artifact: str) -> None:
+    """What the handoff copies (and config.json, which shapes it) against manifest.json,
+    hashed: a Triton repository is a publication, so no size+mtime shortcut."""
+    from ..exporters.bundle import Bundle
+
+    bundle = Bundle(root)
+    if not bundle.manifest_path.is_file():
+        raise ArtifactError(f"{root} is not an exportline bundle (no manifest.json); export it first: "
+                            f"exportline export SOURCE --out {root}")
+    companion = artifact[: -len(".plan")] + ".json" if artifact.endswith(".plan") else artifact + "_data"
+    bundle.require_intact(["config.json", artifact, companion], fast=False)
 
 
 def _bundle_name(root: Path) -> str:

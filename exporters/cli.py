@@ -116,6 +116,9 @@ _register_subcommands()
 def main() -> None:
     # transformers/huggingface_hub draw tqdm bars on stderr; the CLI reports progress itself.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from .bundle import forget_digests
+
+    forget_digests()  # each file is hashed once per command, and again by the next command
     try:
         app()
     except ExportlineError as exc:

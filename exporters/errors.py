@@ -43,6 +43,11 @@ class ArtifactError(ExportlineError):
     """A bundle file is missing, truncated or does not match its manifest checksum."""
 
 
+class IntegrityError(ArtifactError):
+    """A file manifest.json lists is missing, truncated, or its sha256 differs: the bundle
+    breaks its promise, so no command uses it (an absent optional artifact is NotAvailable)."""
+
+
 class VerificationFailed(ExportlineError):
     """A numerical check did not meet its bound."""
 

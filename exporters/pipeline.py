@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .bundle import Bundle, _disk_hint, sha256_file
-from .errors import ConfigError, ExportlineError, NotAvailable, OutputError, StageError
+from .bundle import OWN_FILES, Bundle, _disk_hint, file_digests
+from .errors import ConfigError, ExportlineError, IntegrityError, NotAvailable, OutputError, StageError
 from .measure import measure
 
 # Stage name → "module:attribute" of its Stage object, in pipeline order. Modules import
@@ -91,30 +91,28 @@ def tool_versions(dists: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-def _input_hashes(bundle: Bundle, rels: list[str], known: dict[str, dict]) -> dict[str, str]:
-    hashes = {}
+def _input_hashes(bundle: Bundle, rels: list[str], manifest: dict[str, Any]) -> dict[str, str]:
+    """The inputs' checksums, each checked against the manifest (export publishes nothing,
+    so a file whose size and mtime are unchanged keeps its recorded checksum)."""
     for rel in rels:
-        path = bundle.root / rel
-        if not path.is_file():
-            raise StageError(f"missing input {path}; run the stage that makes it first (see --stages)")
-        st = path.stat()
-        old = known.get(rel)
-        if old and old["bytes"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            hashes[rel] = old["sha256"]
-        else:
-            hashes[rel] = sha256_file(path)
-    return hashes
+        if not (bundle.root / rel).is_file():
+            raise StageError(f"missing input {bundle.root / rel}; run the stage that makes it first (see --stages)")
+    listed = {f["path"]: f for f in manifest.get("files", [])}
+    unlisted = [rel for rel in rels if rel not in listed]
+    for c in bundle.check(rels, fast=True, manifest=manifest):
+        if not c.ok:
+            raise IntegrityError(f"input {bundle.root / c.path} {c.detail}, which differs from manifest.json: changed "
+                                 f"since it was written; rebuild it: {bundle.rebuild_command(manifest, c.path)}")
+    hashes = {rel: listed[rel]["sha256"] for rel in rels if rel in listed}
+    digests = file_digests([bundle.root / rel for rel in unlisted])
+    hashes.update({rel: digests[bundle.root / rel] for rel in unlisted})
+    return {rel: hashes[rel] for rel in rels}
 
 
-def _outputs_intact(bundle: Bundle, record: dict, known: dict[str, dict]) -> bool:
-    for rel in record.get("outputs", []):
-        path, old = bundle.root / rel, known.get(rel)
-        if old is None or not path.is_file():
-            return False
-        st = path.stat()
-        if st.st_size != old["bytes"] or st.st_mtime_ns != old.get("mtime_ns"):
-            return False
-    return True
+def _outputs_intact(bundle: Bundle, record: dict, manifest: dict[str, Any]) -> bool:
+    outputs = record.get("outputs", [])
+    listed = {f["path"] for f in manifest.get("files", [])}
+    return all(rel in listed for rel in outputs) and all(c.ok for c in bundle.check(outputs, fast=True, manifest=manifest))
 
 
 @dataclass
@@ -140,13 +138,18 @@ def run_pipeline(
     the bundle.
     """
     options = options or {}
+    if not stages:
+        raise ConfigError("--stages is empty; name at least one of: " + ",".join(STAGE_ORDER))
     ran = []
+    bundle.require_own_folder()
     with bundle.lock():
         bundle.clean_tmp()
-        manifest = bundle.read_manifest()
+        manifest = _replace_other_source(bundle, bundle.read_manifest(), source, stages=stages, force=force,
+                                         progress=progress)
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest["name"] = source.name
         manifest["source"] = source.describe()
+        manifest["source_fingerprint"] = source.fingerprint()
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for name in stages:
             stage = load_stage(name)
@@ -156,16 +159,16 @@ def run_pipeline(
             manifest = bundle.write_manifest(manifest)
             if record["status"] == "skipped" and name in require:
                 raise NotAvailable(f"stage {name} is required (--require) but {record['reason']}")
+        manifest = _drop_stale_stages(bundle, manifest, ran=stages, progress=progress)
         bundle.clean_tmp()
     return PipelineResult(manifest=manifest, ran=ran)
 
 
 def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress) -> dict[str, Any]:
-    known = {f["path"]: f for f in manifest.get("files", [])}
     ctx = StageContext(bundle=bundle, source=source, tmp=bundle.root, options=options, progress=progress)
     stage_options = stage.options(options)
     versions = tool_versions(("exportline", *stage.versions))
-    inputs = _input_hashes(bundle, stage.inputs(ctx), known)
+    inputs = _input_hashes(bundle, stage.inputs(ctx), manifest)
     fingerprint = hashlib.sha256(
         json.dumps(
             {"stage": stage.name, "source": source.fingerprint(), "options": stage_options,
@@ -180,7 +183,7 @@ def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress)
     previous = manifest.get("stages", {}).get(stage.name)
     if (
         not force and previous and previous.get("status") == "done"
-        and previous.get("fingerprint") == fingerprint and _outputs_intact(bundle, previous, known)
+        and previous.get("fingerprint") == fingerprint and _outputs_intact(bundle, previous, manifest)
     ):
         progress(f"{stage.name}: unchanged, skipped (use --force to rerun)")
         return {**previous, "status": "done", "cached": True}
@@ -228,3 +231,54 @@ def _remove_stale(bundle: Bundle, previous: dict | None, outputs: list[str]) -> 
     for rel in (previous or {}).get("outputs", []):
         if rel not in outputs:
             (bundle.root / rel).unlink(missing_ok=True)
+
+
+def _replace_other_source(bundle: Bundle, manifest: dict, source: Source, *, stages: list[str], force: bool,
+                          progress) -> dict:
+    """A bundle of another source keeps nothing of the old model: stages this run does not
+    redo would stay recorded as done for the old weights, so they are refused, or with
+    --force deleted (with the reports) before anything runs."""
+    old = manifest.get("source_fingerprint")
+    if old is None or old == source.fingerprint():
+        return manifest
+    left = [n for n, r in manifest.get("stages", {}).items() if n not in stages and r.get("status") == "done"]
+    if left and not force:
+        raise OutputError(
+            f"{bundle.root} holds an export of another source ({_source_label(manifest.get('source') or {})}) whose "
+            f"stage {', '.join(left)} this run would leave behind; pass --force to delete them, add them to --stages, "
+            "or choose another --out"
+        )
+    kept = {n: r for n, r in manifest.get("stages", {}).items() if n in stages}
+    doomed = set(bundle.owned_paths(manifest)) - {rel for r in kept.values() for rel in r.get("outputs", [])}
+    for rel in doomed:
+        (bundle.root / rel).unlink(missing_ok=True)
+    if left:
+        progress(f"removed stage {', '.join(left)} of the previous source ({_source_label(manifest.get('source') or {})})")
+    return bundle.write_manifest({**manifest, "stages": kept})
+
+
+def _source_label(described: dict) -> str:
+    return str(described.get("path") or described.get("preset") or described.get("kind") or "unknown")
+
+
+def _drop_stale_stages(bundle: Bundle, manifest: dict, *, ran: list[str], progress) -> dict:
+    """A recorded stage not run now whose inputs changed since it ran (an upstream stage
+    rewrote them) describes files that no longer follow from the bundle: its outputs and
+    record go, in pipeline order, so the chain below it goes too."""
+    files = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
+    stages = dict(manifest.get("stages", {}))
+    dropped = []
+    for name in STAGE_ORDER:
+        record = stages.get(name)
+        if name in ran or not record or record.get("status") != "done":
+            continue
+        changed = [rel for rel, digest in record.get("inputs", {}).items() if files.get(rel) != digest]
+        if not changed:
+            continue
+        for rel in record.get("outputs", []):
+            (bundle.root / rel).unlink(missing_ok=True)
+            files.pop(rel, None)
+        del stages[name]
+        dropped.append(name)
+        progress(f"{name}: removed: its input {changed[0]} changed; rerun it with --stages {name}")
+    return bundle.write_manifest({**manifest, "stages": stages}) if dropped else manifest

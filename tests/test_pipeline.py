@@ -145,3 +145,38 @@ def test_unknown_stage_lists_known(fake_stages):
     with pytest.raises(Exception, match="stages are: write,derive"):
         pipeline.parse_stages("write,nope")
     assert pipeline.parse_stages("derive, write") == ["write", "derive"]
+
+
+def test_upstream_rewrite_drops_the_stale_downstream_stage(tmp_path, fake_stages, monkeypatch):
+    bundle = Bundle(tmp_path / "b")
+    run_pipeline(bundle, FakeSource(), stages=["write", "derive"])
+
+    def _write_other(ctx):
+        (ctx.tmp / "data").mkdir()
+        (ctx.tmp / "data" / "a.bin").write_bytes(b"y" * 100)
+
+    monkeypatch.setattr(fake_stages, "WRITE", Stage(name="write", run=_write_other, inputs=lambda ctx: []))
+    run_pipeline(bundle, FakeSource(), stages=["write"], force=True)
+    manifest = bundle.read_manifest()
+    assert "derive" not in manifest["stages"] and not (bundle.root / "b.txt").exists()
+    assert {f["path"] for f in manifest["files"]} == {"data/a.bin"}
+
+
+def test_other_source_leaving_stages_behind_is_refused_unless_forced(tmp_path, fake_stages):
+    bundle = Bundle(tmp_path / "b")
+    run_pipeline(bundle, FakeSource("a"), stages=["write", "derive"])
+    with pytest.raises(OutputError, match="another source.*derive.*--force"):
+        run_pipeline(bundle, FakeSource("b"), stages=["write"])
+    assert bundle.read_manifest()["stages"]["derive"]["status"] == "done"  # refused before touching anything
+    run_pipeline(bundle, FakeSource("b"), stages=["write"], force=True)
+    manifest = bundle.read_manifest()
+    assert set(manifest["stages"]) == {"write"} and not (bundle.root / "b.txt").exists()
+    assert bundle.check_files() == []
+
+
+def test_empty_stage_list_is_a_config_error(tmp_path, fake_stages):
+    from exportline.exporters.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--stages is empty"):
+        run_pipeline(Bundle(tmp_path / "b"), FakeSource(), stages=[])
+    assert not (tmp_path / "b").exists()

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..exporters.bundle import Bundle
+
+OWN_REPORTS = ("reports/verify.json", "reports/verify.md")
 from ..exporters.errors import ArtifactError, ConfigError
 from ..exporters.presets import load_thresholds
 from .report import StageReport, VerifyReport
@@ -54,6 +56,7 @@ def verify_bundle(
         raise ArtifactError(f"{root} has no manifest.json; export it first: exportline export SOURCE --out {root}")
     with bundle.lock():
         manifest = bundle.read_manifest()
+        files = check_files_table(bundle, manifest, progress)
         records = manifest.get("stages", {})
         unknown = [n for n in stages or [] if n not in STAGE_CHECKS]
         if unknown:
@@ -76,10 +79,26 @@ def verify_bundle(
             reports.append(getattr(importlib.import_module(module), func)(ctx))
         from ..exporters.doctor import environment_report
 
-        report = VerifyReport(reports, environment_report())
+        report = VerifyReport(reports, environment_report(), files=files)
         report.write(bundle.root / "reports")
         bundle.write_manifest(bundle.read_manifest(), only_under="reports/")
     return report
+
+
+def check_files_table(bundle: Bundle, manifest: dict, progress: Callable[[str], None]) -> list[dict]:
+    """Every file the manifest lists, hashed (verify vouches for the bundle, so no size+mtime
+    shortcut), reported as a table before any check runs; a mismatch stops verify. The
+    reports verify is about to rewrite are left out."""
+    mine = [f["path"] for f in manifest.get("files", []) if f["path"] not in OWN_REPORTS]
+    checks = bundle.check(mine, fast=False, manifest=manifest)
+    width = max((len(c.path) for c in checks), default=4)
+    progress(f"files: {len(checks)} listed in manifest.json, sha256 checked")
+    for c in checks:
+        progress(f"  {c.path:<{width}}  {c.bytes:>14,}  {'ok' if c.ok else c.status + ' mismatch: ' + c.detail}")
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        bundle.require_intact([bad[0].path])  # raises the one-line IntegrityError with the rebuild command
+    return [{"path": c.path, "bytes": c.bytes, "status": "ok" if c.ok else c.status} for c in checks]
 
 
 def _merge_preset_thresholds(thresholds: dict, manifest: dict) -> dict:

@@ -20,6 +20,10 @@ from .cases import positions
 from .runners.base import Runner
 
 
+# What generate reads besides the backend's own files (the runner checks those).
+METADATA = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 @dataclass(frozen=True)
 class Sampling:
     """greedy=True takes the argmax; otherwise softmax(logits / temperature) over the top_k
@@ -169,6 +173,9 @@ def generate_from_bundle(
         raise ConfigError("give prompts (--prompt TEXT) or token ids (--token-ids 1,2,3), not both or neither")
     if not (root / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export it first: exportline export SOURCE --out {root}")
+    from ..exporters.bundle import Bundle
+
+    Bundle(root).require_intact([n for n in METADATA if (root / n).exists()], fast=True)
     config = AutoConfig.from_pretrained(root, local_files_only=True)
     tokenizer = _tokenizer(root) if prompts else None
     if prompts and tokenizer is None:
