@@ -70,7 +70,11 @@ def onnx_io_types(path: Path) -> dict[str, str]:
     """Triton type of every graph input and output (the graph only; weights are not read)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError, or an OSError: the file is not a readable graph
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(exc).__name__}); re-export it: "
+                            f"exportline export SOURCE --out {path.parent.parent} --stages onnx --force") from None
     return {v.name: _TRITON_TYPES.get(v.type.tensor_type.elem_type, "TYPE_INVALID") for v in [*graph.input, *graph.output]}
 
 

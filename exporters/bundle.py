@@ -270,12 +270,20 @@ class Bundle:
     def commit(self, tmp: Path) -> list[str]:
         """Move every file of a finished stage from `tmp` into the bundle; returns their paths."""
         moved = []
-        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = src.relative_to(tmp)
-            dest = self.root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dest)
-            moved.append(rel.as_posix())
+        try:
+            for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel = src.relative_to(tmp)
+                dest = self.root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                moved.append(rel.as_posix())
+        except OSError:
+            # e.g. a read-only onnx/: the files already moved are not recorded anywhere, so
+            # they go (a rerun then finds the stage's outputs missing and redoes it).
+            for rel in moved:
+                (self.root / rel).unlink(missing_ok=True)
+            _rmtree(tmp)
+            raise
         _rmtree(tmp)
         return moved
 

@@ -7,6 +7,11 @@ prints it and exits non-zero; a traceback is shown only for errors outside this 
 from __future__ import annotations
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT), raised by the CLI's handler. A BaseException, so that no `except
+    Exception` swallows it while every `finally` and temp-folder cleanup still runs."""
+
+
 class ExportlineError(Exception):
     """Base class; the message is shown to the user as-is."""
 

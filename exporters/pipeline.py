@@ -203,7 +203,11 @@ def _run_stage(bundle, source, stage: Stage, manifest, options, force, progress)
         if translated is None:
             raise
         raise translated from None
-    outputs = bundle.commit(ctx.tmp)
+    try:
+        outputs = bundle.commit(ctx.tmp)
+    except OSError as exc:
+        bundle.clean_tmp()
+        raise _user_error(stage.name, exc) from None
     _remove_stale(bundle, previous, outputs)
     progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
     return {
