@@ -216,19 +216,13 @@ class Bundle:
         return [checks[rel] for rel in wanted]
 
     def require_intact(self, rels: Iterable[str] | None = None, *, fast: bool = False) -> dict[str, Any]:
-        """The manifest, after checking the files a command is about to read (all by default);
-        a file that differs from its entry, or one on disk the manifest does not list, is an
-        IntegrityError naming the command that rebuilds it. A folder without manifest.json
+        """The manifest, after checking the files a command is about to read (all by default)
+        that it lists; one that differs from its entry is an IntegrityError naming the command
+        that rebuilds it. A folder without manifest.json
         (made by hand) is not checked: callers that need a bundle refuse it themselves."""
         if not self.manifest_path.is_file():
             return self.read_manifest()
         manifest = self.read_manifest()
-        rels = None if rels is None else list(rels)
-        listed = {f["path"] for f in manifest.get("files", [])}
-        for rel in rels or []:
-            if rel not in listed and (self.root / rel).is_file():
-                raise IntegrityError(f"{self.root / rel} is not in manifest.json (not written by this export, or "
-                                     f"added after it); rebuild it: {self.rebuild_command(manifest, rel)}")
         for c in self.check(rels, fast=fast, manifest=manifest):
             if not c.ok:
                 raise IntegrityError(f"{self.root / c.path} {_mismatch(c, _entry(manifest, c.path))}; "
@@ -249,10 +243,11 @@ class Bundle:
         return [c.path for c in self.check(manifest=manifest) if not c.ok]
 
     def require_own_folder(self) -> None:
-        """Refuse to write into a non-empty folder that is not a bundle: its files would
-        otherwise end up next to (and be mistaken for part of) the export."""
-        if not self.root.is_dir() or self.manifest_path.is_file():
-            return
+        """Refuse to write into a non-empty folder that is neither a bundle nor an HF model
+        folder: its files would end up beside the export. (Files exportline did not write are
+        never listed in the manifest, so never pushed, whatever the folder.)"""
+        if not self.root.is_dir() or self.manifest_path.is_file() or (self.root / "config.json").is_file():
+            return  # a bundle, or an HF model folder (the bundle's own root layout) getting onnx/ beside it
         foreign = sorted(p.name for p in self.root.iterdir() if p.name not in (LOCK, TMP))
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
