@@ -16,12 +16,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..exporters.bundle import MANIFEST, REGENERATED, Bundle, sha256_file
-from ..exporters.errors import ArtifactError, ConfigError, HubError
-from .card import README
-from .card_check import check_card
-from .prepare import prepare_locked
-from .scan import refuse_secrets
+from exportline.deploy.card import README
+from exportline.deploy.card_check import check_card
+from exportline.deploy.prepare import prepare_locked
+from exportline.deploy.scan import refuse_secrets
+from exportline.exporters.core.bundle import MANIFEST, REGENERATED, Bundle, sha256_file
+from exportline.exporters.core.errors import ArtifactError, ConfigError, HubError
 
 GROUPS = ("hf", "onnx", "trt", "reports")
 ALWAYS = (README, MANIFEST)  # the card and the checksums travel with every push
@@ -223,7 +223,7 @@ def _sync(api, result: PushResult, root: Path, *, private: bool, delete: Callabl
         result.commit = info.sha
     if result.tag:
         with hub_errors(f"tagging {repo_id}", repo_id, "run the same command again to create the tag"):
-            result.tag_created = _ensure_tag(api, repo_id, repo_type, result.tag, result.commit)
+            result.tag_created = _ensure_tag(api, repo_id, repo_type, tag=result.tag, commit=result.commit)
 
 
 def _same_as_remote(remote, local: UploadFile, root: Path) -> bool:
@@ -238,7 +238,7 @@ def _same_as_remote(remote, local: UploadFile, root: Path) -> bool:
     return remote.blob_id == git_hash((root / local.path).read_bytes())  # regular files are small
 
 
-def _ensure_tag(api, repo_id: str, repo_type: str, tag: str, commit: str) -> bool:
+def _ensure_tag(api, repo_id: str, repo_type: str, *, tag: str, commit: str) -> bool:
     """Create `tag` at `commit`; an existing tag there is fine, elsewhere it is an error."""
     existing = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=repo_type).tags}
     if tag in existing:

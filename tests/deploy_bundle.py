@@ -21,7 +21,7 @@ ENGINE = "trt/fp16.sm90.trt10.13.0.plan"
 
 def exportline_cmd() -> list[str]:
     script = Path(sys.executable).with_name("exportline")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from exportline.exporters.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from exportline.exporters.cli.app import main; main()"]
 
 
 def build_bundle(dest: Path) -> Path:
@@ -41,7 +41,7 @@ def build_bundle(dest: Path) -> Path:
 
 def rewrite_report(dest: Path, rel: str, text: str) -> None:
     """A report rewritten the way verify/bench write one: the file, then its manifest entry."""
-    from exportline.exporters.bundle import Bundle
+    from exportline.exporters.core.bundle import Bundle
 
     bundle = Bundle(dest)
     with bundle.lock():
@@ -52,7 +52,7 @@ def rewrite_report(dest: Path, rel: str, text: str) -> None:
 def record_standins(dest: Path) -> None:
     """Record the stand-ins as the outputs of the stages that would make them: a manifest
     lists only stage outputs and exportline's own files."""
-    from exportline.exporters.bundle import Bundle
+    from exportline.exporters.core.bundle import Bundle
 
     bundle = Bundle(dest)
     with bundle.lock():
@@ -69,12 +69,12 @@ def record_standins(dest: Path) -> None:
 
 def write_standin_onnx(path: Path, config: dict, *, kv_type: str = "float32") -> None:
     """logits = embedding rows of input_ids; present.i.* = past concatenated with a broadcast of the ids."""
+    from types import SimpleNamespace
+
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from types import SimpleNamespace
-
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.core.shapes import KVLayout
 
     layout = KVLayout.from_config(SimpleNamespace(**config))
     kv = TensorProto.FLOAT16 if kv_type == "float16" else TensorProto.FLOAT
@@ -108,16 +108,16 @@ def write_reports(reports: Path) -> None:
     from exportline.verify.report import StageReport, VerifyReport, judge
 
     fp32 = {"rel_l2": 1e-5, "max_abs_over_max_ref": 1e-5}
-    hf = [judge("hf", "batch1 prefill 8", "logits", [1, 8, 512],
-                {"max_abs": 2.1e-7, "max_abs_over_max_ref": 3.2e-8, "rel_l2": 4.5e-8, "cosine": 1.0, "top1": 1.0}, fp32),
-          judge("hf", "batch3 left-padded prefill 16", "logits", [3, 16, 512],
-                {"max_abs": 3.3e-7, "max_abs_over_max_ref": 5.1e-8, "rel_l2": 6.25e-8, "cosine": 1.0, "top1": 1.0}, fp32)]
-    onnx = [judge("onnx", "batch1 decode past 31", "logits", [1, 1, 512],
-                  {"max_abs": 1.2e-6, "max_abs_over_max_ref": 2.4e-7, "rel_l2": 3.75e-7, "cosine": 0.99999994, "top1": 1.0}, fp32),
-            judge("onnx", "greedy 32 steps", "greedy tokens", [1, 32], {"identical_fraction": 1.0}, {"identical_fraction": 1.0})]
-    fp16 = [judge("fp16", "batch1 prefill 8", "logits", [1, 8, 512],
-                  {"max_abs": 1.9e-3, "max_abs_over_max_ref": 4.4e-4, "rel_l2": 5.5e-4, "cosine": 0.9999998, "top1": 0.995},
-                  {"rel_l2": 1e-3, "top1": 0.99})]
+    hf = [judge("hf", "batch1 prefill 8", "logits", shape=[1, 8, 512],
+                metrics={"max_abs": 2.1e-7, "max_abs_over_max_ref": 3.2e-8, "rel_l2": 4.5e-8, "cosine": 1.0, "top1": 1.0}, bounds=fp32),
+          judge("hf", "batch3 left-padded prefill 16", "logits", shape=[3, 16, 512],
+                metrics={"max_abs": 3.3e-7, "max_abs_over_max_ref": 5.1e-8, "rel_l2": 6.25e-8, "cosine": 1.0, "top1": 1.0}, bounds=fp32)]
+    onnx = [judge("onnx", "batch1 decode past 31", "logits", shape=[1, 1, 512],
+                  metrics={"max_abs": 1.2e-6, "max_abs_over_max_ref": 2.4e-7, "rel_l2": 3.75e-7, "cosine": 0.99999994, "top1": 1.0}, bounds=fp32),
+            judge("onnx", "greedy 32 steps", "greedy tokens", shape=[1, 32], metrics={"identical_fraction": 1.0}, bounds={"identical_fraction": 1.0})]
+    fp16 = [judge("fp16", "batch1 prefill 8", "logits", shape=[1, 8, 512],
+                  metrics={"max_abs": 1.9e-3, "max_abs_over_max_ref": 4.4e-4, "rel_l2": 5.5e-4, "cosine": 0.9999998, "top1": 0.995},
+                  bounds={"rel_l2": 1e-3, "top1": 0.99})]
     report = VerifyReport([
         StageReport.from_rows("hf", hf, "float64 reference"),
         StageReport.from_rows("onnx", onnx, "float64 reference"),

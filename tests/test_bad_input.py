@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
-from exportline.exporters.bundle import Bundle
+from exportline.exporters.core.bundle import Bundle
+
+from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
 
 def _export(src, out, *extra):
@@ -84,7 +85,7 @@ def test_wrong_llama2c_header(tmp_path, defect):
         data[0:4] = struct.pack("<i", -32)
     elif defect == "size-mismatch":
         data[8:12] = struct.pack("<i", 3)  # n_layers 2 → 3: the header now promises more bytes
-    elif defect == "v1-magic":
+    elif defect == "v1-magic":  # a v0 file behind the v1/v2 magic: its "version" field is hidden_dim, 88
         data[0:4] = struct.pack("<I", 0x616B3432)
     else:
         data = data[:20]
@@ -93,7 +94,8 @@ def test_wrong_llama2c_header(tmp_path, defect):
     line = error_line(err)
     assert code != 0 and "export.py" in line  # says how to re-export
     expected = {"negative-dim": "not a llama2.c v0 header", "size-mismatch": "but the file has",
-                "v1-magic": "version 1/2", "shorter-than-header": "shorter than the 28-byte"}[defect]
+                "v1-magic": "file version 88 (magic 'ak42') is unknown",
+                "shorter-than-header": "shorter than the 28-byte"}[defect]
     assert expected in line
     _nothing_trusted(tmp_path / "out")
 
@@ -136,7 +138,7 @@ def test_disk_full_while_writing_weights(tmp_path, monkeypatch):
 
 
 def test_disk_full_on_a_forced_rerun_keeps_the_previous_bundle_intact(tmp_path, monkeypatch):
-    from exportline.exporters import hf_files
+    from exportline.exporters.sources import hf_writer as hf_files
 
     write_llama2c(tmp_path / "model.bin")
     code, err = _export(tmp_path / "model.bin", tmp_path / "out", "--no-verify")

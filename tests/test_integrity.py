@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+
+from exportline.exporters.core import bundle as bundle_mod
+from exportline.exporters.core.bundle import LOCK, Bundle, sha256_file
+
 from sources_fixtures import cli, error_line
 from verify_helpers import copy_bundle, shared_bundle
-
-from exportline.exporters import bundle as bundle_mod
-from exportline.exporters.bundle import LOCK, Bundle, sha256_file
 
 DATA = "onnx/model.onnx_data"
 
@@ -38,7 +39,7 @@ def flip_byte(path: Path, *, keep_mtime: bool) -> None:
 
 
 def test_hashing_is_chunked_threaded_and_once_per_file_per_command(tmp_path, monkeypatch):
-    from exportline.exporters.bundle import file_digests, forget_digests
+    from exportline.exporters.core.bundle import file_digests, forget_digests
 
     files = []
     for i in range(3):

@@ -14,11 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..exporters.errors import ArtifactError, ConfigError
-from ..exporters.shapes import KVLayout
-from .cases import positions
-from .runners.base import Runner
-
+from exportline.exporters.core.errors import ArtifactError, ConfigError
+from exportline.exporters.core.shapes import KVLayout
+from exportline.verify.cases import positions
+from exportline.verify.runtime.base import Runner
 
 # What generate reads besides the backend's own files (the runner checks those).
 METADATA = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -166,14 +165,14 @@ def generate_from_bundle(
     """Text prompts go through the bundle's tokenizer (left padding); `token_ids` bypass it."""
     from transformers import AutoConfig
 
-    from .runners.registry import make_runner
+    from exportline.verify.runtime.backends import make_runner
 
     root = Path(root)
     if bool(prompts) == bool(token_ids):
         raise ConfigError("give prompts (--prompt TEXT) or token ids (--token-ids 1,2,3), not both or neither")
     if not (root / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export it first: exportline export SOURCE --out {root}")
-    from ..exporters.bundle import Bundle
+    from exportline.exporters.core.bundle import Bundle
 
     Bundle(root).require_intact([n for n in METADATA if (root / n).exists()], fast=True)
     config = AutoConfig.from_pretrained(root, local_files_only=True)

@@ -1,0 +1,69 @@
+"""Per-channel activation maxima of an fp32 graph over calibration feeds, in one pass.
+
+They serve twice in the int8 stage: SmoothQuant's s_j needs max|X_j| per channel, and the
+symmetric MinMax range of X (what onnxruntime's MinMax calibrator with symmetric ranges
+computes) is max_j max|X_j| — or max_j max|X_j| / s_j once X is smoothed — so one run of
+the fp32 graph calibrates both, instead of a second full run on the smoothed copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def channel_absmax(
+    model_path: Path, graph_only, channels: dict[str, int], *, scratch: Path, run: Callable
+) -> dict[str, np.ndarray]:
+    """max |X_j| for every tensor X in `channels` (name → size of its last axis).
+
+    The graph (`graph_only`: loaded without weights) gains Reshape→Abs→ReduceMax outputs and
+    is written to `scratch` with its weight file hard-linked beside it (same filesystem,
+    nothing copied); `run(path, (output_names, callback))` feeds it and hands the values of
+    those outputs to `callback` for every feed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(graph_only)
+    outputs, stats = [], {}
+    for k, (tensor, size) in enumerate(channels.items()):
+        stats[tensor] = np.zeros(size, np.float32)
+        shape, axes, flat, absval, out = (f"absmax{k}_{s}" for s in ("shape", "axes", "flat", "abs", "max"))
+        aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, size], np.int64), shape),
+                                      numpy_helper.from_array(np.array([0], np.int64), axes)])
+        aug.graph.node.extend([
+            helper.make_node("Reshape", [tensor, shape], [flat]),
+            helper.make_node("Abs", [flat], [absval]),
+            helper.make_node("ReduceMax", [absval, axes], [out], keepdims=0),
+        ])
+        aug.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [size]))
+        outputs.append(out)
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / model_path.name
+    onnx.save(aug, str(path))
+    for data in {e.value for t in graph_only.graph.initializer for e in t.external_data if e.key == "location"}:
+        _link(model_path.parent / data, scratch / data)
+
+    def update(values) -> None:
+        for tensor, value in zip(channels, values):
+            np.maximum(stats[tensor], value, out=stats[tensor])
+
+    try:
+        run(path, (outputs, update))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return stats
+
+
+def _link(src: Path, dest: Path) -> None:
+    """onnxruntime refuses external data outside the model's folder, symlinks included;
+    a hard link costs nothing and a copy is the fallback across filesystems."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
