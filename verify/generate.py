@@ -163,8 +163,7 @@ def generate_from_bundle(
     progress: Callable[[str], None] = lambda message: None,
 ) -> BundleGeneration:
     """Text prompts go through the bundle's tokenizer (left padding); `token_ids` bypass it."""
-    from transformers import AutoConfig
-
+    from exportline.exporters.sources.hf_writer import load_config
     from exportline.verify.runtime.backends import make_runner
 
     root = Path(root)
@@ -175,7 +174,7 @@ def generate_from_bundle(
     from exportline.exporters.core.bundle import Bundle
 
     Bundle(root).require_intact([n for n in METADATA if (root / n).exists()], fast=True)
-    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    config = load_config(root)
     tokenizer = _tokenizer(root) if prompts else None
     if prompts and tokenizer is None:
         raise ConfigError(f"{root} has no tokenizer; pass token ids instead: --token-ids 1,2,3")

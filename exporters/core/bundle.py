@@ -22,23 +22,33 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from exportline.exporters.core.errors import ArtifactError, IntegrityError, OutputError
+from exportline.exporters.core.layout import (
+    BENCH_JSON,
+    CARD,
+    GENAI_CONFIG,
+    HUBCONF,
+    LOCK,
+    MANIFEST,
+    REPORTS,
+    TMP,
+    VERIFY_JSON,
+    VERIFY_MD,
+)
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "exportline-manifest/1"
-LOCK = ".exportline.lock"
-TMP = ".exportline-tmp"
 # Files exportline writes outside the stages; with the stage outputs, the only files a
 # manifest lists (and so the only ones a push uploads): a bundle holds nothing foreign.
 OWN_FILES = {
-    "README.md": "exportline card write {root}",
-    "hubconf.py": "exportline card write {root}",
-    "reports/verify.json": "exportline verify {root}",
-    "reports/verify.md": "exportline verify {root}",
-    "reports/bench.json": "exportline bench {root}",
-    "reports/bench.md": "exportline bench {root}",
-    "reports/bench.png": "exportline bench {root}",
+    GENAI_CONFIG: "exportline export SOURCE --out {root}",  # written after every stage (consumer_files.py)
+    CARD: "exportline card write {root}",
+    HUBCONF: "exportline card write {root}",
+    VERIFY_JSON: "exportline verify {root}",
+    VERIFY_MD: "exportline verify {root}",
+    BENCH_JSON: "exportline bench {root}",
+    f"{REPORTS}/bench.md": "exportline bench {root}",
+    f"{REPORTS}/bench.png": "exportline bench {root}",
 }
-REGENERATED = ("README.md", "hubconf.py")  # rewritten by every prepare/push, so never stale
+REGENERATED = (CARD, HUBCONF)  # rewritten by every prepare/push, so never stale
 _CHUNK = 1 << 20
 _DIGESTS: dict[tuple, str] = {}
 _DIGESTS_LOCK = threading.Lock()

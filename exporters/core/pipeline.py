@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from exportline.exporters.core.bundle import Bundle, _disk_hint, file_digests
+from exportline.exporters.core.consumer_files import without_consumer_block, write_consumer_files
 from exportline.exporters.core.errors import (
     ConfigError,
     ExportlineError,
@@ -98,14 +100,16 @@ def _input_hashes(bundle: Bundle, rels: list[str], manifest: dict[str, Any]) -> 
         if not (bundle.root / rel).is_file():
             raise StageError(f"missing input {bundle.root / rel}; run the stage that makes it first (see --stages)")
     listed = {f["path"]: f for f in manifest.get("files", [])}
-    unlisted = [rel for rel in rels if rel not in listed]
     for c in bundle.check(rels, fast=True, manifest=manifest):
         if not c.ok:
             raise IntegrityError(f"input {bundle.root / c.path} {c.detail}, which differs from manifest.json: changed "
                                  f"since it was written; rebuild it: {bundle.rebuild_command(manifest, c.path)}")
     hashes = {rel: listed[rel]["sha256"] for rel in rels if rel in listed}
+    unlisted = [rel for rel in rels if rel not in listed]
     digests = file_digests([bundle.root / rel for rel in unlisted])
     hashes.update({rel: digests[bundle.root / rel] for rel in unlisted})
+    if "config.json" in hashes:  # the consumer block follows the graphs; no stage reads it
+        hashes["config.json"] = hashlib.sha256(without_consumer_block(bundle.root / "config.json").encode()).hexdigest()
     return {rel: hashes[rel] for rel in rels}
 
 
@@ -155,6 +159,7 @@ def run_pipeline(
             record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
             ran.append(record)
             manifest.setdefault("stages", {})[stage.name] = record
+            write_consumer_files(bundle.root)  # transformers.js/genai configs name the graphs now present
             manifest = bundle.write_manifest(manifest)
             if record["status"] == "skipped" and stage.name in require:
                 raise NotAvailable(f"stage {stage.name} is required (--require) but {record['reason']}")
@@ -205,6 +210,7 @@ def _run_stage(
         if translated is None:
             raise
         raise translated from None
+    share_like_umask(ctx.tmp)
     try:
         outputs = bundle.commit(ctx.tmp)
     except OSError as exc:
@@ -217,6 +223,18 @@ def _run_stage(
         "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def share_like_umask(folder: Path) -> None:
+    """Every file a stage wrote gets the mode the user's umask gives a new file. Some writers
+    create theirs 0600 (safetensors' save_file, onnx's external data), which a serving
+    container's non-root user cannot read; the bundle is meant to be shared."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def _user_error(stage: str, exc: BaseException) -> ExportlineError | None:
@@ -267,6 +285,13 @@ def _source_label(described: dict) -> str:
     return str(described.get("path") or described.get("preset") or described.get("kind") or "unknown")
 
 
+def _digest_now(bundle: Bundle, files: dict[str, str], rel: str) -> str | None:
+    """A stage input's checksum as _input_hashes takes it (config.json without the consumer block)."""
+    if rel == "config.json" and rel in files and (bundle.root / rel).is_file():
+        return hashlib.sha256(without_consumer_block(bundle.root / rel).encode()).hexdigest()
+    return files.get(rel)
+
+
 def _drop_stale_stages(bundle: Bundle, manifest: dict, *, ran: list[str], progress) -> dict:
     """A recorded stage not run now whose inputs changed since it ran (an upstream stage
     rewrote them) describes files that no longer follow from the bundle: its outputs and
@@ -279,7 +304,7 @@ def _drop_stale_stages(bundle: Bundle, manifest: dict, *, ran: list[str], progre
         for name, record in list(stages.items()):
             if name in ran or record.get("status") != "done":
                 continue
-            changed = [rel for rel, digest in record.get("inputs", {}).items() if files.get(rel) != digest]
+            changed = [rel for rel, digest in record.get("inputs", {}).items() if _digest_now(bundle, files, rel) != digest]
             if not changed:
                 continue
             for rel in record.get("outputs", []):
@@ -290,4 +315,5 @@ def _drop_stale_stages(bundle: Bundle, manifest: dict, *, ran: list[str], progre
             progress(f"{name}: removed: its input {changed[0]} changed; rerun it with --stages {name}")
     if stages == manifest.get("stages", {}):
         return manifest
+    write_consumer_files(bundle.root)  # the configs no longer name the removed graphs
     return bundle.write_manifest({**manifest, "stages": stages})
