@@ -8,7 +8,6 @@ unchanged bundle then finds nothing to commit.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from exportline.deploy.card import README, load_inputs, render_card
 from exportline.deploy.torchhub import hubconf_text
-from exportline.exporters.core.bundle import MANIFEST_FORMAT, Bundle, write_text_atomic
+from exportline.exporters.core.bundle import Bundle, manifest_text, stamped, write_text_atomic
 from exportline.exporters.core.errors import ArtifactError
 from exportline.exporters.core.layout import HUBCONF
 
@@ -64,8 +63,7 @@ class Prepared:
         on_disk = bundle.read_manifest() if bundle.manifest_path.is_file() else {}
         if _same_but_stamp(on_disk, self.manifest, mtimes=False):
             return bundle.manifest_path.read_bytes()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return (json.dumps({**self.manifest, "format": MANIFEST_FORMAT, "updated": stamp}, indent=2) + "\n").encode()
+        return manifest_text(stamped(self.manifest)).encode()
 
 
 def plan_prepared(

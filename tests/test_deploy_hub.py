@@ -6,6 +6,7 @@ from __future__ import annotations
 from exportline.deploy.prepare import prepare_bundle
 from exportline.exporters.core.bundle import Bundle, sha256_file
 
+from bundle_helpers import mismatched
 from deploy_bundle import rewrite_report
 
 REPO = "org/tiny"
@@ -62,7 +63,7 @@ def test_pull_by_tag_checks_every_file_and_loads(local_hub, deploy_bundle, tmp_p
     got = {f["path"]: f["sha256"] for f in Bundle(out).read_manifest()["files"]}
     assert got == tagged  # the tag's files, not main's
     assert all(sha256_file(out / p) == s for p, s in got.items())
-    assert Bundle(out).check_files() == []  # a normal bundle: manifest and bytes agree
+    assert mismatched(out) == []  # a normal bundle: manifest and bytes agree
     assert not (out / ".cache").exists() and not (out / ".gitattributes").exists()
     assert "trt/fp16.sm90.trt10.13.0.plan: unusable: TensorRT not installed" in pulled.stdout
     assert f"exportline export {out} --stages trt" in pulled.stdout
@@ -219,7 +220,7 @@ def test_partial_push_pulls_as_a_bundle_missing_those_files(local_hub, deploy_bu
     pulled = local_hub.cli("pull", REPO, "--out", str(out), env_token=local_hub.token)
     assert pulled.returncode == 0, pulled.stderr
     assert "not in the repo (pushed with --include): onnx/model.onnx" in pulled.stdout
-    assert Bundle(out).check_files() == []
+    assert mismatched(out) == []
 
 
 def test_push_dataset_and_card_links_it(local_hub, deploy_bundle, tmp_path):

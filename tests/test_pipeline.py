@@ -13,6 +13,8 @@ from exportline.exporters.core.errors import ConfigError, NotAvailable, OutputEr
 from exportline.exporters.core.pipeline import Stage, run_pipeline
 from exportline.exporters.stages import parse_stages
 
+from bundle_helpers import mismatched
+
 CALLS: list[str] = []
 
 
@@ -76,7 +78,7 @@ def test_records_and_manifest_checksums(tmp_path, fake_stages):
     for path, f in listed.items():
         assert f["sha256"] == sha256_file(bundle.root / path)
         assert f["bytes"] == (bundle.root / path).stat().st_size
-    assert bundle.check_files() == []
+    assert mismatched(bundle) == []
     assert not (bundle.root / ".exportline-tmp").exists()
 
 
@@ -166,7 +168,7 @@ def test_other_source_leaving_stages_behind_is_refused_unless_forced(tmp_path, f
     run_pipeline(bundle, FakeSource("b"), stages=[fake_stages.WRITE], force=True)
     manifest = bundle.read_manifest()
     assert set(manifest["stages"]) == {"write"} and not (bundle.root / "b.txt").exists()
-    assert bundle.check_files() == []
+    assert mismatched(bundle) == []
 
 
 def test_empty_stage_list_is_a_config_error(tmp_path):

@@ -128,6 +128,16 @@ def _disk_hint(exc: OSError) -> str:
     return "check the output folder and run again"
 
 
+def stamped(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as written now: its format and an "updated" stamp."""
+    return {**manifest, "format": MANIFEST_FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """manifest.json's bytes: the one serialization (write_manifest writes it; a dry run shows it)."""
+    return json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+
+
 class Bundle:
     """One model's output folder (DESIGN.md §2)."""
 
@@ -162,21 +172,13 @@ class Bundle:
 
         With `only_under="reports/"` only that folder's entries are refreshed; the others stay
         as the stages recorded them, so a changed artifact still shows as changed."""
-        manifest = dict(manifest)
-        manifest["format"] = MANIFEST_FORMAT
-        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         files = self.list_files(manifest)
         if only_under is not None:
             kept = [f for f in manifest.get("files", []) if not f["path"].startswith(only_under)]
             files = sorted(kept + [f for f in files if f["path"].startswith(only_under)], key=lambda f: f["path"])
-        manifest["files"] = files
-        write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        manifest = stamped({**manifest, "files": files})
+        write_text_atomic(self.manifest_path, manifest_text(manifest))
         return manifest
-
-    def refresh_manifest(self) -> dict[str, Any]:
-        """Re-list the files (e.g. after reports/ or README.md were written) under the lock."""
-        with self.lock():
-            return self.write_manifest(self.read_manifest())
 
     def owned_paths(self, manifest: dict[str, Any]) -> list[str]:
         """What the manifest may list: outputs of recorded stages and exportline's own files."""
@@ -247,10 +249,6 @@ class Bundle:
         if rel in OWN_FILES:
             return OWN_FILES[rel].format(root=self.root)
         return f"exportline export {_source_arg(manifest)} --out {self.root} --force"
-
-    def check_files(self, manifest: dict[str, Any] | None = None) -> list[str]:
-        """Paths whose bytes differ from the manifest (missing, resized or re-hashed)."""
-        return [c.path for c in self.check(manifest=manifest) if not c.ok]
 
     def require_own_folder(self) -> None:
         """Refuse to write into a non-empty folder that is neither a bundle nor an HF model
