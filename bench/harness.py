@@ -89,6 +89,7 @@ def _load_model(root: Path):
     bundle = _require_bundle(root)
     from exportline.exporters.sources.hf_writer import load_config
 
+    bundle.require_intact(["config.json"], fast=True)
     config = load_config(root)  # a config file only: no code runs
     return bundle.read_manifest(), config
 
@@ -270,9 +271,11 @@ def bench_bundle(
     root = Path(root)
     cfg.check()
     old = load_report(baseline) if baseline else None
-    with _require_bundle(root).lock():
+    bundle = _require_bundle(root)
+    with bundle.lock():
         report = run_bench(root, cfg, factory=factory, progress=progress, command=command)
         comparison = compare(report, old, threshold=threshold, baseline_name=str(baseline)) if old else None
         report["baseline"] = comparison.to_dict() if comparison else None
         files = write_reports(report, root / "reports")
+        bundle.write_manifest(bundle.read_manifest(), only_under="reports/")
     return BenchOutcome(report, files, comparison)

@@ -4,7 +4,9 @@ ExportlineError with a one-line message, which becomes `error: ...` and a non-ze
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from exportline.exporters.cli.options import ForceOpt, OutOpt, SetOpt, TrustOpt, err
-from exportline.exporters.core.errors import ConfigError, ExportlineError
+from exportline.exporters.core.errors import ConfigError, ExportlineError, Interrupted
 
 app = typer.Typer(
     name="exportline",
@@ -81,6 +83,11 @@ def export(
     from exportline.exporters.sources import resolve_source
     from exportline.exporters.stages import parse_stages
 
+    if calibration_data is not None and not calibration_data.is_file():
+        raise ConfigError(f"--calibration-data {calibration_data}: no such file; pass a UTF-8 text file")
+    if tokenizer is not None and not tokenizer.is_file():
+        raise ConfigError(f"--tokenizer {tokenizer}: no such file; pass a tokenizer.json (or tokenizer.model / tokenizer.bin for llama2.c)")
+    stage_list = parse_stages(stages)
     custom = None
     if model_class:
         custom = {"model_class": model_class, "model_args": model_args, "inputs": inputs, "task": task,
@@ -101,7 +108,7 @@ def export(
     )
     with err.status("exporting…") as status:
         result = run_pipeline(
-            bundle, src, stages=parse_stages(stages), options=options, force=force,
+            bundle, src, stages=stage_list, options=options, force=force,
             require=tuple(s.name for s in parse_stages(require, flag="--require")) if require else (),
             progress=lambda msg: (status.update(msg), err.print(msg)),
         )
@@ -156,13 +163,46 @@ _register_subcommands()
 
 
 def main() -> None:
+    """Every exception ends here as one `error:` line and a non-zero exit; `--debug`
+    (anywhere on the command line) or EXPORTLINE_DEBUG=1 adds the traceback."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("EXPORTLINE_DEBUG") == "1"
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
     # transformers/huggingface_hub draw tqdm bars on stderr; the CLI reports progress itself.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from exportline.exporters.core.bundle import forget_digests
+
+    forget_digests()  # each file is hashed once per command, and again by the next command
+    previous = signal.signal(signal.SIGINT, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         app()
     except ExportlineError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing half-written was left for a rerun to trust")
+        _fail(str(exc), exc.exit_code, debug)
+    except Interrupted:
+        err.print("interrupted; rerun to resume", highlight=False)
         sys.exit(130)
+    except Exception as exc:  # not one of ours: still one line, the traceback only on request
+        _fail(_unexpected(exc), 1, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted()
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _unexpected(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or first}; check that the path exists and is readable/writable"
+    return (f"unexpected {type(exc).__name__}{': ' + first if first else ''}; "
+            "rerun with --debug for the traceback and report it")

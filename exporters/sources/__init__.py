@@ -83,6 +83,9 @@ def resolve_source(
         options["meta_file"] = meta
     path = Path(spec)
     if path.suffix or "/" in spec or path.exists():
+        if overrides:
+            raise ConfigError(f"--set changes presets; {spec} is a checkpoint, whose config is its own: drop --set "
+                              "(or export a preset, e.g. exportline export tiny --set model.num_hidden_layers=4)")
         return checkpoint_source(path, **options)
     preset = load_preset(spec, overrides)
     if preset.checkpoint:

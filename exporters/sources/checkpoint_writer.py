@@ -55,23 +55,12 @@ def write_checkpoint(folder: Path, out: Path, *, format: str) -> WrittenCheckpoi
 
 
 def _check_against_manifest(folder: Path) -> None:
-    """A bundle's files are trusted only while they match manifest.json (DESIGN.md §2); a
-    plain HF folder without one is read as it is."""
+    """A bundle's files are trusted only while they match manifest.json (DESIGN.md §2): the
+    ones to-checkpoint reads are checked first; a plain HF folder without one is read as is."""
     from exportline.exporters.core.bundle import Bundle
-    from exportline.exporters.core.errors import ArtifactError
 
     bundle = Bundle(folder)
     if not bundle.manifest_path.is_file():
         return
     read = ("config.json", "model.safetensors", "model-", "training/")  # what to-checkpoint reads
-    bad = [rel for rel in bundle.check_files() if rel.startswith(read)]
-    if bad:
-        raise ArtifactError(f"{folder / bad[0]} does not match manifest.json (changed after the export); "
-                            "re-export the bundle or pull it again")
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # e.g. its parent is not a folder: there is nothing to remove
-        pass
+    bundle.require_intact([f["path"] for f in bundle.read_manifest().get("files", []) if f["path"].startswith(read)])
