@@ -64,3 +64,10 @@ def _check_against_manifest(folder: Path) -> None:
         return
     read = ("config.json", "model.safetensors", "model-", "training/")  # what to-checkpoint reads
     bundle.require_intact([f["path"] for f in bundle.read_manifest().get("files", []) if f["path"].startswith(read)])
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # e.g. its parent is not a folder: there is nothing to remove
+        pass
