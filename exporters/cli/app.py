@@ -81,12 +81,16 @@ def export(
     from exportline.exporters.core.pipeline import ExportOptions, run_pipeline
     from exportline.exporters.core.presets import parse_overrides
     from exportline.exporters.sources import resolve_source
+    from exportline.exporters.sources.base import BUILTIN_TOKENIZERS
     from exportline.exporters.stages import parse_stages
 
     if calibration_data is not None and not calibration_data.is_file():
         raise ConfigError(f"--calibration-data {calibration_data}: no such file; pass a UTF-8 text file")
-    if tokenizer is not None and not tokenizer.is_file():
-        raise ConfigError(f"--tokenizer {tokenizer}: no such file; pass a tokenizer.json (or tokenizer.model / tokenizer.bin for llama2.c)")
+    if tokenizer is not None and not tokenizer.is_file() and str(tokenizer) not in BUILTIN_TOKENIZERS:
+        raise ConfigError(f"--tokenizer {tokenizer}: no such file; pass a tokenizer.json (or tokenizer.model / tokenizer.bin "
+                          "for llama2.c), or gpt2 for GPT-2's BPE")
+    if meta is not None and not meta.is_file():
+        raise ConfigError(f"--meta {meta}: no such file; pass nanoGPT's data/<dataset>/meta.pkl")
     stage_list = parse_stages(stages)
     custom = None
     if model_class:
