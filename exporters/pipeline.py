@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 from .bundle import Bundle, _disk_hint, sha256_file
 from .errors import ConfigError, ExportlineError, NotAvailable, OutputError, StageError
 from .measure import measure
+from .presets import verification_record
 
 # Stage name → "module:attribute" of its Stage object, in pipeline order. Modules import
 # lazily so that `exportline presets` does not pay for onnx, and trt imports without TensorRT.
@@ -147,6 +148,7 @@ def run_pipeline(
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest["name"] = source.name
         manifest["source"] = source.describe()
+        manifest["verification"] = verification_record(manifest["source"])
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for name in stages:
             stage = load_stage(name)

@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..exporters.bundle import Bundle
 from ..exporters.errors import ArtifactError, ConfigError
-from ..exporters.presets import load_thresholds
+from ..exporters.presets import effective_thresholds, is_random_init
 from .report import StageReport, VerifyReport
 
 # Stage name → "module:function"; each function is `check(ctx: CheckContext) -> StageReport`.
@@ -35,6 +35,11 @@ class CheckContext:
         self.progress = progress
         self.options = dict(options or {})
 
+    @property
+    def random_init(self) -> bool:
+        """The bundle's weights are a seeded random init (recorded when it was made)."""
+        return is_random_init(self.manifest)
+
 
 def verify_bundle(
     root: Path,
@@ -58,7 +63,7 @@ def verify_bundle(
         unknown = [n for n in stages or [] if n not in STAGE_CHECKS]
         if unknown:
             raise ConfigError(f"unknown stage {unknown[0]!r}; stages with checks: {', '.join(STAGE_CHECKS)}")
-        thresholds = _merge_preset_thresholds(load_thresholds(), manifest)
+        thresholds = effective_thresholds(manifest)
         ctx = CheckContext(bundle.root, manifest, thresholds, progress, options)
         names = stages if stages is not None else list(records)
         reports = []
@@ -81,10 +86,3 @@ def verify_bundle(
         bundle.write_manifest(bundle.read_manifest(), only_under="reports/")
     return report
 
-
-def _merge_preset_thresholds(thresholds: dict, manifest: dict) -> dict:
-    overrides = manifest.get("source", {}).get("thresholds") or {}
-    merged = {k: dict(v) for k, v in thresholds.items()}
-    for k, v in overrides.items():
-        merged.setdefault(k, {}).update(v)
-    return merged
