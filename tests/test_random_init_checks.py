@@ -28,22 +28,23 @@ def test_decided_top1_ignores_near_ties_and_catches_decided_flips():
     ref = rng.normal(size=(64, 50))
     ref[:32, 0] = ref[:32].max(-1) + 5.0  # 32 positions decided by a wide margin
     ref[32:, 1] = ref[32:].max(-1) + 1e-6  # 32 near ties
-    tie_flips = ref.copy()
-    tie_flips[32:, 0] = tie_flips[32:, 1] + 1e-6  # the near ties flip: small error, argmax changes
+    noisy = ref + rng.normal(scale=0.02, size=ref.shape)  # quantization-like noise on every logit
     ag = LogitAgreement()
-    ag.add(tie_flips, ref)
-    m = ag.metrics(rel_l2_bound=0.05, z=4.0)
-    assert m["top1"] == 0.5 and m["decided_top1"] == 1.0 and m["decided_positions"] == 32
-    decided_flip = ref.copy()
+    ag.add(noisy, ref)
+    m = ag.metrics(rel_l2_bound=0.05, z=3.0)
+    assert m["top1"] < 0.9 and m["decided_top1"] == 1.0 and m["decided_positions"] == 32
+    assert 0.01 < m["rel_l2"] < 0.05
+    decided_flip = noisy.copy()
     decided_flip[:4, 1] = decided_flip[:4, 0] + 1.0  # 4 decided positions flip
     ag = LogitAgreement()
-    for half in (slice(0, 32), slice(32, 64)):  # batch by batch, as the check feeds it
+    for half in (slice(0, 32), slice(32, 64)):  # batch by batch, as the checks feed it
         ag.add(decided_flip[half], ref[half])
-    assert ag.metrics(rel_l2_bound=0.05, z=4.0)["decided_top1"] == 28 / 32
-    # the decided set comes from the reference and the bound only: a wilder candidate cannot shrink it
+    assert ag.metrics(rel_l2_bound=0.05, z=3.0)["decided_top1"] == 28 / 32
+    # a wild candidate's noise is capped at the bound: it cannot shrink the decided set
     ag = LogitAgreement()
     ag.add(ref + rng.normal(scale=10.0, size=ref.shape), ref)
-    assert ag.metrics(rel_l2_bound=0.05, z=4.0)["decided_positions"] == 32
+    wild = ag.metrics(rel_l2_bound=0.05, z=3.0)
+    assert wild["decided_positions"] == 32 and wild["rel_l2"] > 0.05
 
 
 # -- the tiny preset, correct and broken ---------------------------------------------------------
@@ -149,6 +150,9 @@ def test_broken_int8_graph_fails_the_random_init_gate(tiny, tmp_path, defect, da
     ratio = next(r for r in int8.rows if r.case == "held-out text, int8 graph").metrics["perplexity_ratio"]
     print(f"\n{defect}: {logits.metrics} perplexity ratio {ratio:.4f}")
     assert int8.status == "failed" and not logits.passed, f"{defect} passed: {logits.metrics}"
+    # each gate on its own sees it, not only rel_l2
+    assert logits.metrics["rel_l2"] > logits.bounds["rel_l2"] and logits.metrics["cosine"] < logits.bounds["cosine"]
+    assert logits.metrics["decided_top1"] < logits.bounds["decided_top1"]
     # why perplexity cannot be the gate here: near-uniform either way, the broken graph is within 5 %
     assert ratio < 1.05
     assert json.loads((root / "reports" / "verify.json").read_text())["passed"] is False

@@ -52,10 +52,11 @@ class LogitAgreement:
     (a 1B model's held-out logits do not fit in memory twice over as float64).
 
     `decided top-1` is the argmax agreement over positions the reference has decided: its
-    top-1 − top-2 margin exceeds `z`·√2·σ, σ being the per-logit error a candidate at the
-    rel_l2 bound has (bound × rms of the reference). Random-init logits are near-flat, so
-    plain top-1 mostly measures ties; the decided positions are chosen from the reference
-    and the bound alone, so a broken candidate cannot shrink them."""
+    top-1 − top-2 margin exceeds `z`·√2·σ, σ being the candidate's per-logit error (its
+    rel_l2 × rms of the reference), capped at the rel_l2 bound: the noise of the candidate,
+    but never more than a passing candidate may have, so a broken candidate cannot shrink
+    the set below what the bound allows (and fails the rel_l2 bound anyway). Random-init
+    logits are near-flat, so plain top-1 mostly measures ties."""
 
     diff2: float = 0.0
     ref2: float = 0.0
@@ -77,13 +78,22 @@ class LogitAgreement:
         self.margins.append(top2[:, 1] - top2[:, 0])
         self.agree.append(out.argmax(-1) == ref.argmax(-1))
 
-    def metrics(self, *, rel_l2_bound: float, z: float) -> dict[str, float]:
+    @property
+    def shape(self) -> list[int]:
+        """[positions, vocabulary] seen so far."""
+        positions = sum(len(m) for m in self.margins)
+        return [positions, self.count // positions if positions else 0]
+
+    def metrics(self, *, rel_l2_bound: float, z: float) -> dict[str, float | None]:
+        if not self.margins:  # nothing comparable was produced: every bound fails on None
+            return dict.fromkeys(("rel_l2", "cosine", "top1", "decided_top1", "decided_positions", "decided_fraction"))
         margins, agree = np.concatenate(self.margins), np.concatenate(self.agree)
-        sigma = rel_l2_bound * float(np.sqrt(self.ref2 / self.count))
+        rel_l2 = float(np.sqrt(self.diff2 / self.ref2)) if self.ref2 else float(np.sqrt(self.diff2))
+        sigma = min(rel_l2, rel_l2_bound) * float(np.sqrt(self.ref2 / self.count))
         decided = margins > z * np.sqrt(2.0) * sigma
         norms = np.sqrt(self.out2 * self.ref2)
         return {
-            "rel_l2": float(np.sqrt(self.diff2 / self.ref2)) if self.ref2 else float(np.sqrt(self.diff2)),
+            "rel_l2": rel_l2,
             "cosine": self.dot / norms if norms else 1.0,
             "top1": float(agree.mean()),
             "decided_top1": float(agree[decided].mean()) if decided.any() else None,

@@ -65,7 +65,7 @@ def check_fp16(ctx: CheckContext) -> StageReport:
         for case, feed, ref in expected:
             out = candidate.infer(feed)
             rows += _fp16_rows(case, out, ref, logits_bounds)
-            if np.shape(out.get("logits")) == np.shape(ref["logits"]):
+            if r and np.shape(out.get("logits")) == np.shape(ref["logits"]):
                 keep = output_mask(case, "logits").astype(bool)
                 agreement.add(out["logits"][keep], ref["logits"][keep])
         tokens = greedy_tokens(candidate, layout, prompt)
@@ -81,11 +81,11 @@ def check_fp16(ctx: CheckContext) -> StageReport:
 
 
 def agreement_row(stage: str, case: str, agreement: LogitAgreement, bounds: dict, *, gated: tuple[str, ...],
-                  shape=(-1,), note: str = "") -> CheckRow:
+                  note: str = "") -> CheckRow:
     """One row from accumulated logits; `bounds` holds rel_l2 (which also sets the noise a
     decided position must beat), margin_z and the bounds named in `gated`."""
     metrics = agreement.metrics(rel_l2_bound=float(bounds["rel_l2"]), z=float(bounds["margin_z"]))
-    return judge(stage, case, "logits", shape, metrics, {k: float(bounds[k]) for k in gated}, note=note)
+    return judge(stage, case, "logits", agreement.shape, metrics, {k: float(bounds[k]) for k in gated}, note=note)
 
 
 def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], logits_bounds: dict) -> list[CheckRow]:
@@ -124,7 +124,7 @@ def check_int8(ctx: CheckContext) -> StageReport:
     shape = [len(heldout), len(heldout[0])]
     rows = _int8_rows(scored, ctx.thresholds, random_init=ctx.random_init, shape=shape)
     if "int8" in scored:
-        rows.append(_logits_row(agreement, ctx.thresholds, random_init=ctx.random_init, shape=shape))
+        rows.append(_logits_row(agreement, ctx.thresholds, random_init=ctx.random_init))
     extra = {
         "perplexity": {label: round(s["perplexity"], 4) for label, s in scored.items()},
         "heldout": f"{len(heldout)} × {len(heldout[0])} tokens of {text.name}, every {HELDOUT_EVERY}th chunk (never calibrated on)",
@@ -206,10 +206,10 @@ def _int8_rows(scored: dict, thresholds: dict, *, random_init: bool, shape: list
     return rows
 
 
-def _logits_row(agreement: LogitAgreement, thresholds: dict, *, random_init: bool, shape: list[int]) -> CheckRow:
+def _logits_row(agreement: LogitAgreement, thresholds: dict, *, random_init: bool) -> CheckRow:
     """int8 logits against the fp32 graph's: the gate on random-init weights (bounds in
     configs/thresholds.yaml `int8_random_init`, measured on every preset), reported otherwise."""
     gated = ("rel_l2", "cosine", "decided_top1", "decided_positions") if random_init else ()
     note = "" if random_init else "trained weights are judged on perplexity"
     return agreement_row("int8", "held-out text, int8 vs fp32", agreement, thresholds["int8_random_init"],
-                         gated=gated, shape=[*shape, -1], note=note)
+                         gated=gated, note=note)
