@@ -8,7 +8,7 @@ STAGES ?= hf,onnx,fp16,int8,trt
 OUT    ?= out/$(MODEL)
 ARGS   ?=
 
-.PHONY: setup export test bench bench-export verify doctor clean
+.PHONY: setup export test lint bench bench-export verify doctor clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 export: setup
 	$(BIN)/exportline export $(MODEL) --out $(OUT) --stages $(STAGES) $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check exporters verify bench deploy tests
 
 verify: setup
 	$(BIN)/exportline verify $(OUT) $(ARGS)

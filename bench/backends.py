@@ -11,75 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..exporters.errors import ConfigError, ExportlineError, NotAvailable
-from ..exporters.measure import current_rss_bytes
+from exportline.exporters.core.errors import ExportlineError
+from exportline.exporters.core.measure import current_rss_bytes
+from exportline.verify.runtime.backends import BACKENDS
 
-# Backend → precision of its weights (the roofline's bytes per weight), in report order.
-PRECISION: dict[str, str] = {
-    "torch": "fp32",
-    "onnx": "fp32",
-    "onnx-fp16": "fp16",
-    "onnx-int8": "int8",
-    "trt-fp16": "fp16",
-    "trt-int8": "int8",
-}
 REFERENCE = "torch"  # speedups are over torch eager fp32 on the same device, same run
 
 RunnerFactory = Callable[..., Any]
 
 
-def parse_backends(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in PRECISION]
-    if unknown or not names:
-        raise ConfigError(f"--backends {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
-                          f"known backends: {','.join(PRECISION)}")
-    return list(dict.fromkeys(names))  # user order, duplicates dropped
-
-
-def ort_session_options(threads: int) -> dict[str, Any]:
-    """Intra-op threads = physical cores (hyper-threads only contend for the same FMA units),
-    one inter-op thread (a decoder graph is a chain, nothing to run in parallel), every
-    graph optimization (fusions for attention, GELU/RMSNorm, Q/DQ → integer kernels)."""
-    return {
-        "intra_op_num_threads": threads,
-        "inter_op_num_threads": 1,
-        "graph_optimization_level": "ORT_ENABLE_ALL",
-    }
-
-
-def _torch_options(device: str, threads: int) -> dict[str, Any]:
-    return {"device": device}
-
-
-def _ort_options(device: str, threads: int) -> dict[str, Any]:
-    # On cuda the CUDA EP is required, not preferred: ORT silently falling back to the CPU
-    # would be timed against torch on the GPU. The runner says "not available" without it.
-    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return {"providers": providers, "session_options": ort_session_options(threads)}
-
-
-def _trt_options(device: str, threads: int) -> dict[str, Any]:
-    return {}
-
-
-# Backend family (the name before the first "-") → the options its runner takes.
-RUNNER_OPTIONS: dict[str, Callable[[str, int], dict[str, Any]]] = {
-    "torch": _torch_options, "onnx": _ort_options, "trt": _trt_options,
-}
-
-
 def runner_options(backend: str, *, device: str, threads: int) -> dict[str, Any]:
-    return RUNNER_OPTIONS[backend.split("-")[0]](device, threads)
-
-
-def default_factory() -> RunnerFactory:
-    try:
-        from ..verify.runners import make_runner
-    except ImportError:
-        raise NotAvailable("the runner registry (exportline.verify.runners.make_runner) is not in this "
-                           "build; install a complete exportline") from None
-    return make_runner
+    return BACKENDS[backend].bench_options(device, threads)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..exporters.errors import ConfigError
+from exportline.exporters.core.errors import ConfigError
 
 
 def parse_threshold(text: str) -> float:

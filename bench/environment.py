@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..exporters.doctor import environment_report
+from exportline.exporters.core.doctor import environment_report
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict:

@@ -41,8 +41,8 @@ class StageCost:
 
 
 def _source(preset: str, overrides: list[str]):
-    from ..exporters.presets import parse_overrides
-    from ..exporters.sources import resolve_source
+    from exportline.exporters.core.presets import parse_overrides
+    from exportline.exporters.sources import resolve_source
 
     return resolve_source(preset, parse_overrides(overrides))
 
@@ -66,7 +66,7 @@ def _run_child(preset: str, stage: str, out: Path, overrides: list[str], *, forc
     child.returncode = os.waitstatus_to_exitcode(status)
     lines = [line for line in stdout.splitlines() if line.startswith(_RECORD)]
     if child.returncode != 0 or not lines:
-        from ..exporters.errors import StageError
+        from exportline.exporters.core.errors import StageError
 
         raise StageError(f"stage {stage} failed in its child process (exit {child.returncode}); its error is above")
     return json.loads(lines[-1][len(_RECORD):]), wall, usage
@@ -96,10 +96,11 @@ def _safetensors_bytes(out: Path) -> int:
 
 
 def _child(preset: str, stage: str, out: Path, overrides: list[str], force: bool) -> None:
-    from ..exporters.bundle import Bundle
-    from ..exporters.pipeline import run_pipeline
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
+    from exportline.exporters.stages import STAGES
 
-    result = run_pipeline(Bundle(out), _source(preset, overrides), stages=[stage], force=force)
+    result = run_pipeline(Bundle(out), _source(preset, overrides), stages=[STAGES[stage]], force=force)
     print(_RECORD + json.dumps(result.ran[-1], default=str), flush=True)
 
 
@@ -134,12 +135,12 @@ def main(
     force: Annotated[bool, typer.Option("--force/--no-force", hidden=True)] = True,
 ) -> None:
     """Measure wall time and peak memory of export stages, each in a fresh process."""
-    from ..exporters.errors import ExportlineError
-    from ..exporters.pipeline import parse_stages
+    from exportline.exporters.core.errors import ExportlineError
+    from exportline.exporters.stages import parse_stages
 
     out = out or Path("out") / preset
     try:
-        names = parse_stages(stages)
+        names = [s.name for s in parse_stages(stages)]
         if child:
             return _child(preset, names[0], out, set_ or [], force)
         ensure_hf(preset, out, set_ or [])

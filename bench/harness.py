@@ -13,17 +13,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..exporters.bundle import Bundle
-from ..exporters.errors import ArtifactError, ConfigError, ExportlineError, NotAvailable
-from ..exporters.shapes import KVLayout
-from . import roofline
-from .backends import PRECISION, REFERENCE, RunnerFactory, close_backend, default_factory, open_backend
-from .compare import Comparison, compare, load_report
-from .environment import environment, load_average, physical_cores
-from .report import FORMAT, write_reports
-from .stats import PERCENTILE_METHOD, percentile, summarize
-from .timing import Device, time_runs
-from .workloads import WORKLOADS, Point, grid, prepare
+from exportline.bench import roofline
+from exportline.bench.backends import REFERENCE, RunnerFactory, close_backend, open_backend
+from exportline.bench.compare import Comparison, compare, load_report
+from exportline.bench.environment import environment, load_average, physical_cores
+from exportline.bench.report import FORMAT, write_reports
+from exportline.bench.stats import PERCENTILE_METHOD, percentile, summarize
+from exportline.bench.timing import Device, time_runs
+from exportline.bench.workloads import WORKLOADS, Point, grid, prepare
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.errors import ArtifactError, ConfigError, ExportlineError, NotAvailable
+from exportline.exporters.core.shapes import KVLayout
+from exportline.verify.runtime.backends import BACKENDS, make_runner
 
 Progress = Callable[[str], None]
 
@@ -68,7 +69,7 @@ class BackendRun:
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "rows"}
-        return {**out, "precision": PRECISION[self.backend]}
+        return {**out, "precision": BACKENDS[self.backend].precision}
 
 
 def _require_bundle(root: Path) -> Bundle:
@@ -119,7 +120,7 @@ def run_bench(
                  f"{ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s {ceilings.matmul_dtype}")
     points = grid(list(cfg.workloads), batches=list(cfg.batches), lengths=list(cfg.prompt_lens),
                   decode_len=cfg.decode_len)
-    factory = factory or default_factory()
+    factory = factory or make_runner
     cfg = replace(cfg, threads=cfg.threads or physical_cores())
     with torch_threads(cfg.threads):
         env = environment(root, manifest, cfg.device)
@@ -175,7 +176,7 @@ def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> 
             timing = time_runs(prepared.run, warmup=cfg.warmup, repeat=cfg.repeat, device=device)
             stats = summarize(timing.samples_s)
             row = {
-                "backend": name, "precision": PRECISION[name], "key": point.key, "workload": point.workload,
+                "backend": name, "precision": BACKENDS[name].precision, "key": point.key, "workload": point.workload,
                 "batch": point.batch, "length": point.length, "new_tokens": point.new_tokens, "status": "ok",
                 "stats": stats.to_dict(), "samples_s": timing.samples_s,
                 "tokens": point.tokens, "tokens_per_s": point.tokens / stats.median_s,

@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from ..exporters.bundle import write_text_atomic
-from ..exporters.errors import OutputError
+from exportline.exporters.core.bundle import write_text_atomic
+from exportline.exporters.core.errors import OutputError
 
 FORMAT = "exportline-bench/1"
 FILES = ("bench.json", "bench.md", "bench.png")
@@ -65,7 +65,7 @@ def render_markdown(report: dict) -> str:
         f"{s['repeat']} timed runs per point" + (f" in each of {s['rounds']} rounds (alternating backend order, "
                                                   "samples pooled)" if s.get("rounds", 1) > 1 else "") + "; "
         f"percentiles: {s['percentile_method']}.  ",
-        f"Speedup = torch eager fp32 median ÷ backend median, same device, same run.",
+        "Speedup = torch eager fp32 median ÷ backend median, same device, same run.",
         "",
     ]
     busy = _busy_warning(env)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from ..exporters.shapes import KVLayout
-from .workloads import Point
+from exportline.bench.workloads import Point
+from exportline.exporters.core.shapes import KVLayout
 
 CPU_RUN = "not measured: CPU run"
 # Bytes per weight/KV element by backend precision; int8 keeps KV and norms in float, so
@@ -89,11 +89,11 @@ def measure_ceilings(*, copy_bytes: int = 1 << 30, matmul_n: int = 8192, repeat:
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
-    copy_s = _best_of(lambda: dst.copy_(src), repeat)
+    copy_s = _best_of(lambda: dst.copy_(src), repeat)  # noqa: F821 (called before the del)
     del src, dst
     a = torch.randn(matmul_n, matmul_n, dtype=dtype, device="cuda")
     b = torch.randn(matmul_n, matmul_n, dtype=dtype, device="cuda")
-    matmul_s = _best_of(lambda: a @ b, repeat)
+    matmul_s = _best_of(lambda: a @ b, repeat)  # noqa: F821 (called before the del)
     del a, b
     torch.cuda.empty_cache()
     return Ceilings(

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..exporters.measure import measure
+from exportline.exporters.core.measure import measure
 
 
 @dataclass

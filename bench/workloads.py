@@ -18,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..exporters.shapes import KVLayout
-from ..verify.generate import empty_past
-from ..verify.runners.base import Runner
+from exportline.exporters.core.shapes import KVLayout
+from exportline.verify.generate import empty_past
+from exportline.verify.runtime.base import Runner
 
 WORKLOADS = ("prefill", "decode", "generate")
 # What the `length` of a point means, per workload; it also names the key's field.
@@ -121,7 +121,7 @@ def prepare(point: Point, layout: KVLayout, runner: Runner, *, seed: int = 0) ->
 def _prepare_generate(point: Point, layout: KVLayout, runner: Runner, ids: np.ndarray) -> PreparedPoint:
     """verify/generate.py's loop, the one `exportline generate` runs; no EOS, so every
     backend produces exactly `new_tokens` tokens per sequence."""
-    from ..verify.generate import generate
+    from exportline.verify.generate import generate
 
     prompts = ids.tolist()
     prepared = PreparedPoint(point, lambda: None)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..exporters.bundle import MANIFEST, Bundle
-from ..exporters.errors import ArtifactError
-from .reports import BENCH_JSON, VERIFY_JSON, BenchSummary, VerifySummary, read_bench, read_verify
+from exportline.deploy.reports import BENCH_JSON, VERIFY_JSON, BenchSummary, VerifySummary, read_bench, read_verify
+from exportline.exporters.core.bundle import MANIFEST, Bundle
+from exportline.exporters.core.errors import ArtifactError
 
 README = "README.md"
 SECTIONS = ("Model details", "Intended use and limitations", "How to use", "Evaluation", "Performance", "Files")

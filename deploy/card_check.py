@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..exporters.bundle import MANIFEST
-from . import card as c
-from .reports import BENCH_JSON, VERIFY_JSON
+from exportline.deploy import card as c
+from exportline.deploy.reports import BENCH_JSON, VERIFY_JSON
+from exportline.exporters.core.bundle import MANIFEST
 
 # Section → what its numbers come from. Only derived lines are compared (bullets and table
 # rows); prose around them may be edited freely.

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..exporters.errors import ArtifactError, NotAvailable
-from ..exporters.trt_meta import REBUILD, check_engine_compatible, local_target, metadata_path, read_metadata
+from exportline.exporters.core.errors import ArtifactError, NotAvailable
+from exportline.exporters.tensorrt.engines import REBUILD, check_engine_compatible, local_target, metadata_path, read_metadata
 
 
 @dataclass(frozen=True)

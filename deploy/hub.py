@@ -16,12 +16,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..exporters.bundle import MANIFEST, Bundle, sha256_file
-from ..exporters.errors import ArtifactError, ConfigError, HubError
-from .card import README
-from .card_check import check_card
-from .prepare import prepare_locked
-from .scan import refuse_secrets
+from exportline.deploy.card import README
+from exportline.deploy.card_check import check_card
+from exportline.deploy.prepare import prepare_locked
+from exportline.deploy.scan import refuse_secrets
+from exportline.exporters.core.bundle import MANIFEST, Bundle, sha256_file
+from exportline.exporters.core.errors import ArtifactError, ConfigError, HubError
 
 GROUPS = ("hf", "onnx", "trt", "reports")
 ALWAYS = (README, MANIFEST)  # the card and the checksums travel with every push

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..exporters.bundle import Bundle, sha256_file, write_text_atomic
-from ..exporters.errors import ArtifactError
-from .card import README, load_inputs, render_card
-from .torchhub import write_hubconf
+from exportline.deploy.card import README, load_inputs, render_card
+from exportline.deploy.torchhub import write_hubconf
+from exportline.exporters.core.bundle import Bundle, sha256_file, write_text_atomic
+from exportline.exporters.core.errors import ArtifactError
 
 
 def stale_stage_outputs(bundle: Bundle, manifest: dict[str, Any]) -> list[tuple[str, str]]:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..exporters.bundle import MANIFEST, Bundle, sha256_file
-from ..exporters.errors import ArtifactError, OutputError
-from .engines import EngineCheck, check_engines
-from .hub import KEEP_REMOTE, check_repo_id, hub_api, hub_errors, resolve_token
+from exportline.deploy.engines import EngineCheck, check_engines
+from exportline.deploy.hub import KEEP_REMOTE, check_repo_id, hub_api, hub_errors, resolve_token
+from exportline.exporters.core.bundle import MANIFEST, Bundle, sha256_file
+from exportline.exporters.core.errors import ArtifactError, OutputError
 
 HUB_METADATA = ".cache"  # huggingface_hub's bookkeeping inside a local_dir download
 

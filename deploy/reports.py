@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..exporters.errors import ArtifactError
+from exportline.exporters.core.errors import ArtifactError
 
 VERIFY_JSON = "reports/verify.json"
 BENCH_JSON = "reports/bench.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..exporters.errors import ArtifactError
+from exportline.exporters.core.errors import ArtifactError
 
 TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 _CHUNK = 8 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..exporters.bundle import write_text_atomic
+from exportline.exporters.core.bundle import write_text_atomic
 
 HUBCONF = "hubconf.py"
 TEMPLATE = Path(__file__).with_name("hubconf_template.py")

@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..exporters.errors import ArtifactError, ConfigError, OutputError
-from ..exporters.shapes import KVLayout, TensorSpec, optimization_profiles
-from .engines import EngineCheck, check_engine
+from exportline.deploy.engines import EngineCheck, check_engine
+from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 FILENAMES = {"onnx": "model.onnx", "tensorrt": "model.plan"}
@@ -227,7 +227,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _bundle_name(root: Path) -> str:
-    from ..exporters.bundle import Bundle
+    from exportline.exporters.core.bundle import Bundle
 
     bundle = Bundle(root)
     return (bundle.read_manifest().get("name") if bundle.manifest_path.is_file() else None) or root.resolve().name

@@ -21,7 +21,7 @@ ENGINE = "trt/fp16.sm90.trt10.13.0.plan"
 
 def exportline_cmd() -> list[str]:
     script = Path(sys.executable).with_name("exportline")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from exportline.exporters.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from exportline.exporters.cli.app import main; main()"]
 
 
 def build_bundle(dest: Path) -> Path:
@@ -35,7 +35,7 @@ def build_bundle(dest: Path) -> Path:
     (dest / ENGINE).with_suffix(".json").write_text(json.dumps(
         {"stand_in": True, "tensorrt_version": "10.13.0", "compute_capability": "9.0", "profiles": ["prefill", "decode"]}))
     write_reports(dest / "reports")
-    from exportline.exporters.bundle import Bundle
+    from exportline.exporters.core.bundle import Bundle
 
     Bundle(dest).refresh_manifest()
     return dest
@@ -43,12 +43,12 @@ def build_bundle(dest: Path) -> Path:
 
 def write_standin_onnx(path: Path, config: dict, *, kv_type: str = "float32") -> None:
     """logits = embedding rows of input_ids; present.i.* = past concatenated with a broadcast of the ids."""
+    from types import SimpleNamespace
+
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from types import SimpleNamespace
-
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.core.shapes import KVLayout
 
     layout = KVLayout.from_config(SimpleNamespace(**config))
     kv = TensorProto.FLOAT16 if kv_type == "float16" else TensorProto.FLOAT

@@ -22,7 +22,7 @@ TINY = dict(
 def write_tokenizer(dest: Path):
     from transformers import AutoTokenizer
 
-    from exportline.exporters.tokenizer import train_bpe
+    from exportline.exporters.sources.tokenizer import train_bpe
 
     train_bpe(TINY["vocab_size"], dest, model_max_length=TINY["max_position_embeddings"])
     return AutoTokenizer.from_pretrained(dest)
@@ -36,8 +36,8 @@ def train_tiny_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from exportline.exporters.calibration import split_text
-    from exportline.exporters.tokenizer import default_corpus
+    from exportline.exporters.precision.calibration import split_text
+    from exportline.exporters.sources.tokenizer import default_corpus
 
     dest.mkdir(parents=True, exist_ok=True)
     tok = write_tokenizer(dest)
@@ -101,10 +101,11 @@ class FolderSource:
 
 
 def export_bundle(root: Path, source, stages: list[str], **options):
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import ExportOptions, run_pipeline
+    from exportline.exporters.stages import STAGES
 
-    return run_pipeline(Bundle(root), source, stages=stages, options=options)
+    return run_pipeline(Bundle(root), source, stages=[STAGES[s] for s in stages], options=ExportOptions(**options))
 
 
 def stage_info(root: Path, stage: str) -> dict:

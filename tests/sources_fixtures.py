@@ -162,13 +162,13 @@ def write_llama2c(path: Path, *, dim=32, hidden_dim=88, n_layers=2, n_heads=4, n
 
 
 def cli(*args: str) -> tuple[int, str]:
-    """`exportline ARGS` in this process through the real entry point (exportline.exporters.cli:main):
+    """`exportline ARGS` in this process through the real entry point (exportline.exporters.cli.app:main):
     exit code and everything written to stderr."""
     import contextlib
     import io
     import sys
 
-    from exportline.exporters.cli import main
+    from exportline.exporters.cli.app import main
 
     err, argv = io.StringIO(), sys.argv
     sys.argv = ["exportline", *map(str, args)]

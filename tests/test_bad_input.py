@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
-from exportline.exporters.bundle import Bundle
+from exportline.exporters.core.bundle import Bundle
+
+from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_llama2c
 
 
 def _export(src, out, *extra):
@@ -136,7 +137,7 @@ def test_disk_full_while_writing_weights(tmp_path, monkeypatch):
 
 
 def test_disk_full_on_a_forced_rerun_keeps_the_previous_bundle_intact(tmp_path, monkeypatch):
-    from exportline.exporters import hf_files
+    from exportline.exporters.sources import hf_writer as hf_files
 
     write_llama2c(tmp_path / "model.bin")
     code, err = _export(tmp_path / "model.bin", tmp_path / "out", "--no-verify")

@@ -20,8 +20,9 @@ from exportline.bench.environment import cpu_info
 from exportline.bench.roofline import Ceilings, ModelCost, percent_of_roofline
 from exportline.bench.stats import percentile, summarize
 from exportline.bench.workloads import Point, decode_feed, grid, prefill_feed
-from exportline.exporters.errors import ConfigError
-from exportline.exporters.shapes import KVLayout
+from exportline.exporters.core.errors import ConfigError
+from exportline.exporters.core.shapes import KVLayout
+from exportline.exporters.stages import parse_stages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRID = ["--batch", "1", "--prompt-len", "8", "--decode-len", "4", "--warmup", "1", "--repeat", "2"]
@@ -29,7 +30,7 @@ TINY_GRID = ["--batch", "1", "--prompt-len", "8", "--decode-len", "4", "--warmup
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """`exportline ARGS` in-process through main(): (exit code, stderr + stdout)."""
-    from exportline.exporters.cli import main
+    from exportline.exporters.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["exportline", *args])
     try:
@@ -156,23 +157,19 @@ def test_compare_flags_only_regressions_beyond_threshold_and_lists_missing_point
 # -- the command on a tiny bundle ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
-    import exportline.verify.runners as runners
-
-    if not hasattr(runners, "make_runner"):  # the harness runs backends only through the registry
-        pytest.skip("exportline.verify.runners.make_runner (the runner registry) is not in this build")
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
     from exportline.exporters.sources import resolve_source
 
     root = tmp_path_factory.mktemp("bench") / "tiny"
-    run_pipeline(Bundle(root), resolve_source("tiny"), stages=["hf", "onnx"])
+    run_pipeline(Bundle(root), resolve_source("tiny"), stages=parse_stages("hf,onnx"))
     return root
 
 
 @pytest.fixture(scope="module")
 def bench_run(tiny_bundle, tmp_path_factory) -> dict:
     """One real run: torch + onnx measured, onnx-int8 (not exported) and trt-fp16 not available."""
-    from exportline.exporters.cli import main
+    from exportline.exporters.cli.app import main
 
     argv = sys.argv
     sys.argv = ["exportline", "bench", str(tiny_bundle), "--backends", "torch,onnx,onnx-int8,trt-fp16", *TINY_GRID]

@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 
-from exportline.exporters.bundle import Bundle
-from exportline.exporters.pipeline import run_pipeline
-from exportline.exporters.presets import load_thresholds
+from exportline.exporters.core.presets import load_thresholds
 from exportline.exporters.sources import resolve_source
-from exportline.verify.bundle import verify_bundle
+from exportline.verify.suite import verify_bundle
 
+from quant_models import export_bundle
 from verify_helpers import TINY
 
 # A bound no fp32 ONNX graph meets (it differs from float64 by ~1e-7): if the folder path
@@ -31,7 +30,7 @@ def _manifest(root):
 
 
 def _export(root, spec, stages, overrides=None):
-    return run_pipeline(Bundle(root), resolve_source(str(spec), overrides), stages=stages)
+    return export_bundle(root, resolve_source(str(spec), overrides), stages)
 
 
 @pytest.fixture(scope="module")

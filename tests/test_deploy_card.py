@@ -8,10 +8,11 @@ import subprocess
 import pytest
 from huggingface_hub import ModelCard
 
-from deploy_bundle import exportline_cmd
 from exportline.deploy.card_check import check_card
 from exportline.deploy.prepare import prepare_bundle
-from exportline.exporters.bundle import Bundle
+from exportline.exporters.core.bundle import Bundle
+
+from deploy_bundle import exportline_cmd
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from exportline.deploy import engines
-from exportline.exporters.errors import NotAvailable
-from exportline.exporters.trt_meta import META_FORMAT, Target, metadata_path, write_metadata
+from exportline.exporters.core.errors import NotAvailable
+from exportline.exporters.tensorrt.engines import META_FORMAT, Target, metadata_path, write_metadata
 
 H100 = Target(tensorrt="10.13.0", compute_capability="9.0", gpu="NVIDIA H100", cuda="12.8")
 

@@ -3,7 +3,7 @@ with the CLI run in a subprocess (the client reads HF_ENDPOINT at import time)."
 
 from __future__ import annotations
 
-from exportline.exporters.bundle import Bundle, sha256_file
+from exportline.exporters.core.bundle import Bundle, sha256_file
 
 REPO = "org/tiny"
 

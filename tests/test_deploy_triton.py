@@ -10,10 +10,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from deploy_bundle import ENGINE, exportline_cmd, write_standin_onnx
 from exportline.deploy.triton import write_triton_repo
-from exportline.exporters.errors import ArtifactError
-from exportline.exporters.shapes import KVLayout
+from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.shapes import KVLayout
+
+from deploy_bundle import ENGINE, exportline_cmd, write_standin_onnx
 
 _DATA_TYPES = ["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
                "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]

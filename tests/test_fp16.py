@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from exportline.exporters.fp16_stage import FLOAT32_OPS, angle_nodes, norm_nodes
-from exportline.exporters.graph_walk import GraphIndex
+from exportline.exporters.onnx.graph_index import GraphIndex
 from exportline.exporters.sources import resolve_source
-from exportline.verify.bundle import verify_bundle
+from exportline.exporters.stages.fp16 import FLOAT32_OPS, angle_nodes, norm_nodes
+from exportline.verify.suite import verify_bundle
 
 from quant_models import export_bundle, stage_info
 
@@ -33,6 +33,7 @@ def _types(model) -> dict[str, int]:
     return types
 
 
+@pytest.mark.covers("stage:fp16", "stage:int8", "backend:onnx-fp16", "backend:onnx-int8")
 def test_fp16_and_int8_of_tiny_pass_their_checks(tiny):
     report = verify_bundle(tiny, stages=["fp16", "int8"])
     by_stage = {s.stage: s for s in report.stages}

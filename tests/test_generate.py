@@ -7,10 +7,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from exportline.exporters.errors import ConfigError
+from exportline.exporters.core.errors import ConfigError
 from exportline.verify.cases import positions
 from exportline.verify.generate import Sampling, empty_past, generate, left_pad, pick
-from exportline.verify.runners import make_runner
+from exportline.verify.runtime import make_runner
 
 from verify_helpers import copy_bundle, exportline_cmd, shared_bundle
 
@@ -32,7 +32,7 @@ def runner(request, bundle):
 def layout(bundle):
     from transformers import AutoConfig
 
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.core.shapes import KVLayout
 
     return KVLayout.from_config(AutoConfig.from_pretrained(bundle))
 

@@ -10,13 +10,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exportline.exporters.calibration import HELDOUT_EVERY, calibration_path, split_text
-from exportline.exporters.errors import ConfigError
-from exportline.exporters.graph_walk import GraphIndex
-from exportline.exporters.int8_stage import STAGE as INT8, lm_head_nodes, weight_matmuls
-from exportline.exporters.qdq_form import qdq_form_problems
-from exportline.exporters.tokenizer import default_corpus
-from exportline.verify.bundle import verify_bundle
+from exportline.exporters.core.errors import ConfigError
+from exportline.exporters.core.pipeline import ExportOptions
+from exportline.exporters.onnx.graph_index import GraphIndex
+from exportline.exporters.precision.calibration import HELDOUT_EVERY, calibration_path, split_text
+from exportline.exporters.precision.qdq_form import qdq_form_problems
+from exportline.exporters.sources.tokenizer import default_corpus
+from exportline.exporters.stages import parse_stages
+from exportline.exporters.stages.int8 import STAGE as INT8
+from exportline.exporters.stages.int8 import lm_head_nodes, weight_matmuls
+from exportline.verify.suite import verify_bundle
 
 from quant_models import FolderSource, export_bundle, stage_info, train_tiny_llama, write_tiny_gpt2, write_tokenizer
 
@@ -96,10 +99,10 @@ def test_calibration_data_errors_are_one_line(tmp_path, tokenizer):
 def test_calibration_text_enters_the_fingerprint(tmp_path):
     text = tmp_path / "domain.txt"
     text.write_text("one\n")
-    first = INT8.options({"calibration_data": str(text)})
+    first = INT8.options(ExportOptions(calibration_data=text))
     text.write_text("two\n")
-    assert INT8.options({"calibration_data": str(text)})["calibration_sha256"] != first["calibration_sha256"]
-    assert INT8.options({})["calibration_data"] is None  # the shipped corpus
+    assert INT8.options(ExportOptions(calibration_data=text))["calibration_sha256"] != first["calibration_sha256"]
+    assert INT8.options(ExportOptions())["calibration_data"] is None  # the shipped corpus
 
 
 # -- the accuracy test ---------------------------------------------------------------------------
@@ -229,9 +232,9 @@ def _smoothed_logits_change(root, tmp_path, expect_groups: int) -> float:
     import onnxruntime as ort
     from transformers import AutoConfig
 
-    from exportline.exporters.graph_io import load_graph, save_graph
-    from exportline.exporters.shapes import KVLayout
-    from exportline.exporters.smoothing import apply, find_groups
+    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.onnx.external_data import load_graph, save_graph
+    from exportline.exporters.precision.smoothing import apply, find_groups
 
     model = load_graph(root / "onnx" / "model.onnx", infer=False)
     groups = find_groups(model, set(weight_matmuls(model)))
@@ -277,9 +280,9 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
-    from exportline.exporters import int8_stage
-    from exportline.exporters.bundle import sha256_file
-    from exportline.exporters.errors import StageError
+    from exportline.exporters.core.bundle import sha256_file
+    from exportline.exporters.core.errors import StageError
+    from exportline.exporters.stages import int8 as int8_stage
 
     def asymmetric(model_path, out_path, ranges, nodes):
         cache = out_path.parent / "ranges.json"
@@ -294,10 +297,10 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
     before = sha256_file(root / "onnx" / "model_int8.onnx")
     monkeypatch.setattr(int8_stage, "quantize", asymmetric)
     with pytest.raises(StageError, match="not in TensorRT's form") as err:
-        from exportline.exporters.bundle import Bundle
-        from exportline.exporters.pipeline import run_pipeline
+        from exportline.exporters.core.bundle import Bundle
+        from exportline.exporters.core.pipeline import run_pipeline
 
-        run_pipeline(Bundle(root), _bundle_source(root), stages=["int8"], force=True)
+        run_pipeline(Bundle(root), _bundle_source(root), stages=parse_stages("int8"), force=True)
     assert "uint8" in str(err.value) and "\n" not in str(err.value)
     assert sha256_file(root / "onnx" / "model_int8.onnx") == before
     assert not (root / ".exportline-tmp").exists()
@@ -308,7 +311,7 @@ def test_cli_missing_calibration_file_is_one_line(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-c", "from exportline.exporters.cli import main; main()", "export", "tiny",
+        [sys.executable, "-c", "from exportline.exporters.cli.app import main; main()", "export", "tiny",
          "--out", str(tmp_path / "b"), "--stages", "int8", "--calibration-data", str(tmp_path / "nope.txt")],
         capture_output=True, text=True, timeout=120,
     )
@@ -336,11 +339,11 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
     from onnxruntime.quantization.calibrate import create_calibrator
     from transformers import AutoConfig
 
-    from exportline.exporters.activation_stats import channel_absmax
-    from exportline.exporters.calibration import load_tokenizer, spread
-    from exportline.exporters.graph_io import load_graph
-    from exportline.exporters.int8_stage import KVCalibrationReader, activation_channels
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.onnx.external_data import load_graph
+    from exportline.exporters.precision.activation_stats import channel_absmax
+    from exportline.exporters.precision.calibration import load_tokenizer, spread
+    from exportline.exporters.stages.int8 import KVCalibrationReader, activation_channels
 
     root, _ = trained
     source = root / "onnx" / "model.onnx"
@@ -364,16 +367,16 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
 def test_no_tokenizer_means_int8_not_available(tmp_path, monkeypatch):
     """A model shipped without a tokenizer cannot be calibrated on text: the stage is
     recorded as skipped with the reason, not failed with a missing-file message."""
-    from exportline.exporters import int8_stage
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
+    from exportline.exporters.stages import int8 as int8_stage
 
     root = tmp_path / "b"
     (root / "onnx").mkdir(parents=True)
     (root / "onnx" / "model.onnx").write_bytes(b"graph")
     (root / "config.json").write_text("{}")
     monkeypatch.setattr(int8_stage, "_layout", lambda ctx: (None, 128))
-    result = run_pipeline(Bundle(root), FolderSource("no-tok", "x"), stages=["int8"])
+    result = run_pipeline(Bundle(root), FolderSource("no-tok", "x"), stages=parse_stages("int8"))
     record = result.ran[0]
     assert record["status"] == "skipped" and "tokenizer.json" in record["reason"]
     assert not (root / "onnx" / "model_int8.onnx").exists()

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exportline.exporters.bundle import Bundle
-from exportline.exporters.errors import ArtifactError, SourceError, UnsupportedArchitecture
-from exportline.exporters.onnx_export import ARCHITECTURES, DATA_FILE, MODEL_FILE, OPSET
-from exportline.exporters.onnx_files import check_onnx_files
-from exportline.exporters.onnx_replicate import TRACE_LAYERS
-from exportline.exporters.pipeline import run_pipeline
-from exportline.exporters.presets import load_preset, load_thresholds
-from exportline.exporters.shapes import KVLayout
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.errors import ArtifactError, SourceError, UnsupportedArchitecture
+from exportline.exporters.core.pipeline import run_pipeline
+from exportline.exporters.core.presets import load_preset, load_thresholds
+from exportline.exporters.core.shapes import KVLayout
+from exportline.exporters.onnx.export import ARCHITECTURES, DATA_FILE, MODEL_FILE, OPSET
+from exportline.exporters.onnx.files_check import check_onnx_files
+from exportline.exporters.onnx.replicate import TRACE_LAYERS
 from exportline.exporters.sources import PresetSource
-from exportline.verify.metrics import compare
+from exportline.exporters.stages import parse_stages
+from exportline.verify.checks.metrics import compare
 
 # One tiny model per supported architecture (optimum's habit: a registered architecture
 # without a test model fails test_every_architecture_has_a_test_model). "preset" = exported
@@ -68,7 +69,7 @@ def _write_hf_folder(root: Path, model_type: str, seed: int = 0, **overrides) ->
     model = AutoModelForCausalLM.from_config(_config(model_type, **{**TEST_MODELS[model_type], **overrides}))
     # Non-trivial norms and biases, so a weight wired to the wrong initializer shows.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(root)
@@ -77,10 +78,10 @@ def _write_hf_folder(root: Path, model_type: str, seed: int = 0, **overrides) ->
 def _export(root: Path, model_type: str):
     spec = TEST_MODELS[model_type]
     if "preset" in spec:
-        result = run_pipeline(Bundle(root), PresetSource(load_preset(spec["preset"])), stages=["hf", "onnx"])
+        result = run_pipeline(Bundle(root), PresetSource(load_preset(spec["preset"])), stages=parse_stages("hf,onnx"))
     else:
         _write_hf_folder(root, model_type)
-        result = run_pipeline(Bundle(root), FolderSource(f"test-{model_type}"), stages=["onnx"])
+        result = run_pipeline(Bundle(root), FolderSource(f"test-{model_type}"), stages=parse_stages("onnx"))
     return result.ran[-1]
 
 
@@ -166,6 +167,7 @@ CASES = {  # name → batch, sequence, past, left padding
 }
 
 
+@pytest.mark.covers("stage:onnx", "backend:onnx")
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(exported, case):
     _, _, ref, session = exported
@@ -181,7 +183,7 @@ def test_left_padded_prefill_then_decode_from_its_own_cache(exported):
     layout = KVLayout.from_config(ref.config)
     ids, mask, kv = _inputs(layout, ref.config.vocab_size, batch=3, seq=LONG, past=0, padded=True, seed=7)
     outs = _check_case(session, ref, ids=ids, mask=mask, past=kv)
-    for step in range(2):
+    for _ in range(2):
         past = [outs[n] for n in layout.present_names()]
         mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
         next_ids = outs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
@@ -194,7 +196,7 @@ def test_greedy_generation_with_kv_cache_is_token_identical_to_hf(exported):
     import torch
 
     from exportline.verify.generate import Sampling, generate
-    from exportline.verify.runners.onnx_runner import OnnxRuntimeRunner
+    from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
 
     root, _, ref, _ = exported
     layout = KVLayout.from_config(ref.config)
@@ -255,14 +257,14 @@ def _initializers(root: Path) -> dict[str, bytes]:
 
 
 def test_copied_layers_make_the_graph_a_full_trace_makes(tmp_path, monkeypatch):
-    from exportline.exporters import onnx_replicate
+    from exportline.exporters.onnx import replicate as onnx_replicate
 
     copied, full = tmp_path / "copied", tmp_path / "full"
     for root in (copied, full):
         _write_hf_folder(root, "qwen2")
-    run_pipeline(Bundle(copied), FolderSource("copied"), stages=["onnx"])
+    run_pipeline(Bundle(copied), FolderSource("copied"), stages=parse_stages("onnx"))
     monkeypatch.setattr(onnx_replicate, "TRACE_LAYERS", 100)  # every layer traced
-    record = run_pipeline(Bundle(full), FolderSource("full"), stages=["onnx"]).ran[-1]
+    record = run_pipeline(Bundle(full), FolderSource("full"), stages=parse_stages("onnx")).ran[-1]
     assert record["info"]["tracing"] == {"layers_traced": LAYERS, "layers_copied": 0}
     assert _ops(copied) == _ops(full)
     a, b = _initializers(copied), _initializers(full)
@@ -277,7 +279,7 @@ def test_layer_dependent_graph_is_traced_in_full_and_exact(tmp_path):
     from transformers import AutoModelForCausalLM
 
     _write_hf_folder(tmp_path, "gpt2", scale_attn_by_inverse_layer_idx=True)
-    record = run_pipeline(Bundle(tmp_path), FolderSource("gpt2-scaled"), stages=["onnx"]).ran[-1]
+    record = run_pipeline(Bundle(tmp_path), FolderSource("gpt2-scaled"), stages=parse_stages("onnx")).ran[-1]
     assert record["info"]["tracing"]["layers_traced"] == LAYERS
     assert "differ" in record["info"]["tracing"]["copy_refused"]
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
@@ -298,7 +300,7 @@ def _one_line(exc_info) -> str:
 def test_unsupported_architecture_is_one_line_listing_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
     with pytest.raises(UnsupportedArchitecture) as exc:
-        run_pipeline(Bundle(tmp_path), FolderSource("bert"), stages=["onnx"])
+        run_pipeline(Bundle(tmp_path), FolderSource("bert"), stages=parse_stages("onnx"))
     message = _one_line(exc)
     assert "'bert'" in message and all(name in message for name in ARCHITECTURES)
     assert not (tmp_path / "onnx").exists()
@@ -307,7 +309,7 @@ def test_unsupported_architecture_is_one_line_listing_supported(tmp_path):
 def test_cropping_sliding_window_is_refused(tmp_path):
     _write_hf_folder(tmp_path, "mistral", sliding_window=16)
     with pytest.raises(UnsupportedArchitecture) as exc:
-        run_pipeline(Bundle(tmp_path), FolderSource("mistral-window"), stages=["onnx"])
+        run_pipeline(Bundle(tmp_path), FolderSource("mistral-window"), stages=parse_stages("onnx"))
     assert "sliding_window=16" in _one_line(exc)
 
 
@@ -324,7 +326,7 @@ def test_weights_not_matching_config_are_one_line(tmp_path, damage):
         state[key] = state[key][:-1]
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(SourceError) as exc:
-        run_pipeline(Bundle(tmp_path), FolderSource("qwen2-broken"), stages=["onnx"])
+        run_pipeline(Bundle(tmp_path), FolderSource("qwen2-broken"), stages=parse_stages("onnx"))
     assert key in _one_line(exc) and ("shape" in str(exc.value)) == (damage == "reshaped")
     assert not (tmp_path / "onnx").exists()
 

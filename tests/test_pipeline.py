@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import types
 
 import pytest
 
-from exportline.exporters import pipeline
-from exportline.exporters.bundle import Bundle, sha256_file
-from exportline.exporters.errors import NotAvailable, OutputError, StageError
-from exportline.exporters.pipeline import Stage, run_pipeline
+from exportline.exporters.core.bundle import Bundle, sha256_file
+from exportline.exporters.core.errors import ConfigError, NotAvailable, OutputError, StageError
+from exportline.exporters.core.pipeline import Stage, run_pipeline
+from exportline.exporters.stages import parse_stages
 
 CALLS: list[str] = []
 
@@ -54,23 +53,18 @@ def _unavailable(ctx):
 
 @pytest.fixture
 def fake_stages(monkeypatch):
-    mod = types.ModuleType("fake_stages")
+    mod = types.SimpleNamespace()
     mod.WRITE = Stage(name="write", run=_write, inputs=lambda ctx: [])
     mod.DERIVE = Stage(name="derive", run=_derive, inputs=lambda ctx: ["data/a.bin"])
     mod.FAIL = Stage(name="fail", run=_half_then_fail, inputs=lambda ctx: [])
     mod.NA = Stage(name="na", run=_unavailable, inputs=lambda ctx: [])
-    monkeypatch.setitem(sys.modules, "fake_stages", mod)
-    monkeypatch.setattr(
-        pipeline, "STAGE_ORDER",
-        {"write": "fake_stages:WRITE", "derive": "fake_stages:DERIVE", "fail": "fake_stages:FAIL", "na": "fake_stages:NA"},
-    )
     CALLS.clear()
     return mod
 
 
 def test_records_and_manifest_checksums(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
-    result = run_pipeline(bundle, FakeSource(), stages=["write", "derive"])
+    result = run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.DERIVE])
     assert [r["status"] for r in result.ran] == ["done", "done"]
     rec = result.manifest["stages"]["derive"]
     assert rec["inputs"] == {"data/a.bin": sha256_file(bundle.root / "data/a.bin")}
@@ -88,28 +82,28 @@ def test_records_and_manifest_checksums(tmp_path, fake_stages):
 
 def test_unchanged_stage_is_skipped_and_force_reruns(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
-    run_pipeline(bundle, FakeSource(), stages=["write", "derive"])
+    run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.DERIVE])
     assert CALLS == ["write", "derive"]
-    result = run_pipeline(bundle, FakeSource(), stages=["write", "derive"])
+    result = run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.DERIVE])
     assert CALLS == ["write", "derive"] and all(r["cached"] for r in result.ran)
-    run_pipeline(bundle, FakeSource(), stages=["write", "derive"], force=True)
+    run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.DERIVE], force=True)
     assert CALLS == ["write", "derive"] * 2
 
 
 def test_changed_input_reruns_downstream(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
-    run_pipeline(bundle, FakeSource("a"), stages=["write", "derive"])
+    run_pipeline(bundle, FakeSource("a"), stages=[fake_stages.WRITE, fake_stages.DERIVE])
     CALLS.clear()
-    run_pipeline(bundle, FakeSource("b"), stages=["write", "derive"])
+    run_pipeline(bundle, FakeSource("b"), stages=[fake_stages.WRITE, fake_stages.DERIVE])
     assert CALLS == ["write", "derive"]  # source fingerprint changed → write; its output changed → derive
 
 
 def test_tampered_output_is_not_trusted(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
-    run_pipeline(bundle, FakeSource(), stages=["write"])
+    run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE])
     (bundle.root / "data/a.bin").write_bytes(b"tampered")
     CALLS.clear()
-    run_pipeline(bundle, FakeSource(), stages=["write"])
+    run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE])
     assert CALLS == ["write"]
     assert (bundle.root / "data/a.bin").read_bytes().startswith(b"x" * 100)
 
@@ -117,7 +111,7 @@ def test_tampered_output_is_not_trusted(tmp_path, fake_stages):
 def test_failed_stage_leaves_nothing(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
     with pytest.raises(StageError, match="boom"):
-        run_pipeline(bundle, FakeSource(), stages=["write", "fail"])
+        run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.FAIL])
     assert not (bundle.root / "partial.bin").exists()
     assert not (bundle.root / ".exportline-tmp").exists()
     manifest = bundle.read_manifest()
@@ -126,22 +120,24 @@ def test_failed_stage_leaves_nothing(tmp_path, fake_stages):
 
 def test_not_available_is_recorded_as_skipped_unless_required(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
-    result = run_pipeline(bundle, FakeSource(), stages=["write", "na"])
+    result = run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.NA])
     rec = result.manifest["stages"]["na"]
     assert rec["status"] == "skipped" and rec["reason"] == "TensorRT not installed"
     with pytest.raises(NotAvailable, match="required.*TensorRT not installed"):
-        run_pipeline(bundle, FakeSource(), stages=["write", "na"], require=("na",))
+        run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.NA], require=("na",))
 
 
 def test_second_run_on_same_folder_is_refused(tmp_path, fake_stages):
     bundle = Bundle(tmp_path / "b")
     with bundle.lock():
         with pytest.raises(OutputError, match="another exportline run"):
-            run_pipeline(bundle, FakeSource(), stages=["write"])
-    assert run_pipeline(bundle, FakeSource(), stages=["write"]).ran[0]["status"] == "done"
+            run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE])
+    assert run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE]).ran[0]["status"] == "done"
 
 
-def test_unknown_stage_lists_known(fake_stages):
-    with pytest.raises(Exception, match="stages are: write,derive"):
-        pipeline.parse_stages("write,nope")
-    assert pipeline.parse_stages("derive, write") == ["write", "derive"]
+def test_unknown_stage_lists_known():
+    with pytest.raises(ConfigError, match="unknown stage nope; stages are: hf,onnx,fp16,int8,trt"):
+        parse_stages("onnx,nope")
+    with pytest.raises(ConfigError, match="none given"):
+        parse_stages("")
+    assert [s.name for s in parse_stages("fp16, hf")] == ["hf", "fp16"]  # pipeline order

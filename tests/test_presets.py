@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exportline.exporters.errors import ConfigError
-from exportline.exporters.presets import load_preset, parse_overrides, preset_names
+from exportline.exporters.core.errors import ConfigError
+from exportline.exporters.core.presets import load_preset, parse_overrides, preset_names
 
 SIZES = {"1m": 1e6, "10m": 1e7, "100m": 1e8, "1b": 1e9, "10b": 1e10}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sources_fixtures import bits, cli, error_line, nanogpt_args, save_nanogpt
 
 

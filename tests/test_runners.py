@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from exportline.exporters.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.verify.cases import build_cases
-from exportline.verify.metrics import compare
-from exportline.verify.runners import backend_names, make_runner
-from exportline.exporters.onnx_files import check_onnx_files
-from exportline.verify.runners.onnx_runner import OnnxRuntimeRunner
-from exportline.verify.runners.torch_runner import TorchRunner
+from exportline.verify.checks.metrics import compare
+from exportline.verify.runtime import BACKENDS, make_runner
+from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
+from exportline.verify.runtime.torch_runner import TorchRunner
 
 from verify_helpers import copy_bundle, shared_bundle
 
@@ -67,6 +67,7 @@ def test_onnxruntime_matches_torch_float64_on_a_decode_step(bundle, layout_and_c
         assert c.rel_l2 < 1e-5, (name, c)
 
 
+@pytest.mark.covers("backend:torch")
 def test_torch_runner_dtypes_and_given_model_untouched(bundle, layout_and_case):
     import torch
     from transformers import AutoModelForCausalLM
@@ -139,7 +140,7 @@ def test_truncated_files_are_one_line_artifact_errors(bundle, tmp_path):
 
 
 def test_registry_names_and_errors(bundle):
-    assert backend_names()[:4] == ["torch", "onnx", "onnx-fp16", "onnx-int8"]
+    assert list(BACKENDS)[:4] == ["torch", "onnx", "onnx-fp16", "onnx-int8"]
     with pytest.raises(ConfigError, match="unknown backend 'onnx-fp8'.*onnx-fp16"):
         make_runner(bundle, "onnx-fp8")
     # without TensorRT or a GPU: not available; with them, this bundle has no engine
@@ -162,7 +163,7 @@ def test_manifest_size_mismatch_is_reported(bundle, tmp_path):
 def _layout(bundle):
     from transformers import AutoConfig
 
-    from exportline.exporters.shapes import KVLayout
+    from exportline.exporters.core.shapes import KVLayout
 
     return KVLayout.from_config(AutoConfig.from_pretrained(bundle))
 
@@ -203,7 +204,7 @@ def test_float64_rebinding_checks_the_formula():
     import torch
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from exportline.verify.runners.float64 import exact_float64
+    from exportline.verify.reference.float64 import exact_float64
 
     norm = LlamaRMSNorm(16, eps=1e-5).double()
     norm.weight.data = torch.rand(16, dtype=torch.float64) + 0.5

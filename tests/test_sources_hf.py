@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from sources_fixtures import cli, error_line
 
 from exportline.exporters.sources import PresetSource, resolve_source
-from exportline.verify.bundle import verify_bundle
+from exportline.verify.suite import verify_bundle
+
+from sources_fixtures import cli, error_line
 
 
 def _export(src, out, *extra):
@@ -21,6 +23,7 @@ def _stage(out):
     return json.loads((out / "reports" / "verify.json").read_text())["stages"][0]
 
 
+@pytest.mark.covers("source:preset", "stage:hf")
 def test_preset_weights_are_the_seeded_init_and_a_changed_tensor_fails(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -40,6 +43,7 @@ def test_preset_weights_are_the_seeded_init_and_a_changed_tensor_fails(tmp_path)
     assert not report.passed and "weights" in report.first_failure()
 
 
+@pytest.mark.covers("source:hf")
 def test_hf_folder_is_resaved_and_verified(tmp_path):
     _export("tiny", tmp_path / "src", "--no-verify")
     manifest = _export(tmp_path / "src", tmp_path / "out")
@@ -83,7 +87,7 @@ def test_resolve_source_kinds(tmp_path):
 def test_greedy_row_allows_only_a_flip_at_a_near_tie():
     import numpy as np
 
-    from exportline.verify.hf_check import GREEDY_STEPS, _greedy_row
+    from exportline.verify.checks.hf import GREEDY_STEPS, _greedy_row
 
     thresholds = {"fp32": {"max_abs_over_max_ref": 1e-5, "greedy_identical": True}}
     want = [1] * GREEDY_STEPS

@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from sources_fixtures import cli, write_llama2c
 
-from exportline.exporters import llama2c
-from exportline.verify.bundle import verify_bundle
-from exportline.verify.hf_check import logit_cases
-from exportline.verify.reference import Llama2cReference, hf_logits, load_hf_model
+from exportline.exporters.sources.llama2c import convert as llama2c
+from exportline.exporters.sources.llama2c.reference import Llama2cReference
+from exportline.verify.checks.hf import logit_cases
+from exportline.verify.reference import hf_logits, load_hf_model
+from exportline.verify.suite import verify_bundle
+
+from sources_fixtures import cli, write_llama2c
 
 
 def _export(src, out, *extra):
@@ -22,6 +24,7 @@ def _export(src, out, *extra):
     return json.loads((out / "manifest.json").read_text())
 
 
+@pytest.mark.covers("source:llama2c")
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-classifier", "own-classifier"])
 def test_llama2c_converts_and_verifies(tmp_path, shared):
     write_llama2c(tmp_path / "model.bin", shared=shared)

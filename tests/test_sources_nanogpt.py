@@ -9,11 +9,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_meta
 
-from exportline.verify.bundle import verify_bundle
-from exportline.verify.hf_check import logit_cases
-from exportline.verify.reference import NanoGPTReference, hf_logits, load_hf_model
+from exportline.exporters.sources.nanogpt.reference import NanoGPTReference
+from exportline.verify.checks.hf import logit_cases
+from exportline.verify.reference import hf_logits, load_hf_model
+from exportline.verify.suite import verify_bundle
+
+from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_meta
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 
@@ -30,6 +32,7 @@ def _hf_rows(out):
     return stage
 
 
+@pytest.mark.covers("source:nanogpt")
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["plain", "orig_mod"])
 def test_nanogpt_converts_and_verifies(tmp_path, bias, compiled):

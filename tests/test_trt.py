@@ -11,14 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from exportline.exporters.bundle import Bundle
-from exportline.exporters.errors import ArtifactError, ConfigError, NotAvailable
-from exportline.exporters.pipeline import STAGE_ORDER, load_stage, run_pipeline
-from exportline.exporters.shapes import KVLayout, ProfileShapes
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.pipeline import ExportOptions, run_pipeline
+from exportline.exporters.core.shapes import KVLayout, ProfileShapes
 from exportline.exporters.sources import resolve_source
-from exportline.exporters.trt_meta import (
-    Target, build_metadata, check_engine_compatible, engine_filename, engine_profiles, find_engine,
-    local_target, metadata_path, read_metadata, select_profile, set_shape_calls, validate_profile, write_metadata,
+from exportline.exporters.stages import parse_stages
+from exportline.exporters.tensorrt.engines import (
+    Target,
+    build_metadata,
+    check_engine_compatible,
+    engine_filename,
+    engine_profiles,
+    find_engine,
+    local_target,
+    metadata_path,
+    read_metadata,
+    select_profile,
+    set_shape_calls,
+    validate_profile,
+    write_metadata,
 )
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, vocab_size=512)
@@ -113,7 +125,7 @@ def _feed_shapes(batch: int, sequence: int, past: int) -> dict[str, tuple[int, .
 
 
 def test_select_profile_by_feed():
-    from exportline.exporters.trt_meta import profiles_to_json
+    from exportline.exporters.tensorrt.engines import profiles_to_json
 
     profiles = profiles_to_json(engine_profiles(LAYOUT, max_batch=4, max_sequence=64))
     assert select_profile(profiles, _feed_shapes(3, 64, 0)) == 0  # prefill at max
@@ -203,9 +215,10 @@ def test_find_engine_picks_this_targets_plan_and_refuses_others(tmp_path):
         find_engine(tmp_path, "int8", H100)
 
 
+@pytest.mark.covers("backend:trt-fp16", "backend:trt-int8")
 def test_registry_has_the_trt_backends(tmp_path):
-    from exportline.verify.runners import BACKENDS, make_runner
-    from exportline.verify.runners.trt_runner import TrtRunner
+    from exportline.verify.runtime import BACKENDS, make_runner
+    from exportline.verify.runtime.trt_runner import TrtRunner
 
     assert BACKENDS["trt-fp16"].stage == BACKENDS["trt-int8"].stage == "trt"
     runner = TrtRunner(tmp_path, "int8")  # cheap constructor: nothing imported or loaded
@@ -226,11 +239,11 @@ def test_registry_has_the_trt_backends(tmp_path):
 needs_no_trt = pytest.mark.skipif(UNAVAILABLE is None, reason="TensorRT and a CUDA GPU are present: the stage builds")
 
 
+@pytest.mark.covers("stage:trt")
 @needs_no_trt
 def test_stage_is_skipped_with_the_reason(tmp_path):
-    assert STAGE_ORDER["trt"] == "exportline.exporters.trt_stage:STAGE" and load_stage("trt").name == "trt"
     bundle = Bundle(tmp_path / "b")
-    result = run_pipeline(bundle, resolve_source("tiny"), stages=["trt"])
+    result = run_pipeline(bundle, resolve_source("tiny"), stages=parse_stages("trt"))
     record = result.ran[0]
     assert record["status"] == "skipped"
     assert record["reason"] == UNAVAILABLE
@@ -239,7 +252,7 @@ def test_stage_is_skipped_with_the_reason(tmp_path):
     assert record["options"]["target"] == f"not available: {UNAVAILABLE}"
     assert not (bundle.root / "trt").exists()
     with pytest.raises(NotAvailable, match=f"stage trt is required .* but {UNAVAILABLE}"):
-        run_pipeline(bundle, resolve_source("tiny"), stages=["trt"], require=("trt",))
+        run_pipeline(bundle, resolve_source("tiny"), stages=parse_stages("trt"), require=("trt",))
 
 
 def _exportline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -264,8 +277,8 @@ def test_cli_skip_exits_zero_and_require_fails(tmp_path):
 
 @needs_no_trt
 def test_trt_check_reports_not_available(tmp_path):
-    from exportline.verify.bundle import CheckContext
-    from exportline.verify.trt_check import check
+    from exportline.verify.checks.context import CheckContext
+    from exportline.verify.checks.trt import check
 
     report = check(CheckContext(tmp_path, {"stages": {}}, {}, lambda m: None))
     assert report.stage == "trt" and report.status == "not available"
@@ -273,9 +286,9 @@ def test_trt_check_reports_not_available(tmp_path):
 
 
 def test_trt_check_judges_the_recorded_engines_of_this_target(tmp_path):
-    from exportline.exporters.presets import load_thresholds
-    from exportline.verify.bundle import CheckContext
-    from exportline.verify.trt_check import _recorded_engines, logits_bounds
+    from exportline.exporters.core.presets import load_thresholds
+    from exportline.verify.checks.context import CheckContext
+    from exportline.verify.checks.trt import _recorded_engines, logits_bounds
 
     thresholds = load_thresholds()
     assert logits_bounds(thresholds, "fp16") == {"rel_l2": thresholds["fp16"]["rel_l2"], "top1": thresholds["fp16"]["top1"]}
@@ -307,17 +320,15 @@ def _require_trt_gpu():
 @pytest.mark.gpu
 def test_build_run_and_verify_fp16_engine(tmp_path):
     _require_trt_gpu()
-    for stage in ("onnx", "fp16"):
-        pytest.importorskip(STAGE_ORDER[stage].split(":")[0], reason=f"the {stage} stage is not in this build")
     import numpy as np
 
-    from exportline.verify.bundle import verify_bundle
-    from exportline.verify.runners import make_runner
+    from exportline.verify.runtime import make_runner
+    from exportline.verify.suite import verify_bundle
 
     bundle = Bundle(tmp_path / "b")
     cache = tmp_path / "timing.cache"
-    options = {"trt_max_batch": 4, "trt_max_sequence": 128, "trt_timing_cache": str(cache)}
-    result = run_pipeline(bundle, resolve_source("tiny"), stages=["hf", "onnx", "fp16", "trt"], options=options)
+    options = ExportOptions(trt_max_batch=4, trt_max_sequence=128, trt_timing_cache=cache)
+    result = run_pipeline(bundle, resolve_source("tiny"), stages=parse_stages("hf,onnx,fp16,trt"), options=options)
     assert result.ran[-1]["status"] == "done", result.ran[-1]
     target = local_target()
     plan = bundle.root / "trt" / engine_filename("fp16", target)

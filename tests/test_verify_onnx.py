@@ -8,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from exportline.exporters.bundle import Bundle, sha256_file
-from exportline.exporters.shapes import KVLayout
-from exportline.verify.bundle import verify_bundle
+from exportline.exporters.core.bundle import Bundle, sha256_file
+from exportline.exporters.core.shapes import KVLayout
 from exportline.verify.cases import build_cases, positions
+from exportline.verify.suite import verify_bundle
 
 from verify_helpers import copy_bundle, exportline_cmd, scale_initializer, shared_bundle
 
@@ -123,7 +123,7 @@ def test_cli_verify_broken_files_one_line_error(bundle, tmp_path, damage):
 
 
 def test_verify_refuses_a_stage_the_bundle_does_not_have(bundle, tmp_path):
-    from exportline.exporters.errors import ArtifactError, ConfigError
+    from exportline.exporters.core.errors import ArtifactError, ConfigError
 
     root = copy_bundle(bundle, tmp_path / "b")
     with pytest.raises(ArtifactError, match="no finished fp16 stage"):

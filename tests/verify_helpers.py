@@ -6,17 +6,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from exportline.exporters.stages import parse_stages
+
 TINY = {"model": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "num_hidden_layers": 2}}
 
 
 def build_tiny_bundle(root: Path) -> Path:
     """The real hf and onnx stages: config, safetensors, tokenizer, onnx/model.onnx(+_data)."""
-    from exportline.exporters.bundle import Bundle
-    from exportline.exporters.pipeline import run_pipeline
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.core.pipeline import run_pipeline
     from exportline.exporters.sources import resolve_source
 
-    run_pipeline(Bundle(root), resolve_source("tiny", TINY), stages=["hf", "onnx"])
+    run_pipeline(Bundle(root), resolve_source("tiny", TINY), stages=parse_stages("hf,onnx"))
     return root
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..exporters.errors import ConfigError
-from ..exporters.shapes import BATCH, PAST, SEQUENCE, TOTAL, KVLayout
-from .runners.base import Runner
+from exportline.exporters.core.errors import ConfigError
+from exportline.exporters.core.shapes import BATCH, PAST, SEQUENCE, TOTAL, KVLayout
+from exportline.verify.runtime.base import Runner
 
 LONG = 64  # the "long" prefill / past length; ≥ 64 per DESIGN.md §6
 

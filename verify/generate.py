@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..exporters.errors import ArtifactError, ConfigError
-from ..exporters.shapes import KVLayout
-from .cases import positions
-from .runners.base import Runner
+from exportline.exporters.core.errors import ArtifactError, ConfigError
+from exportline.exporters.core.shapes import KVLayout
+from exportline.verify.cases import positions
+from exportline.verify.runtime.base import Runner
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def generate_from_bundle(
     """Text prompts go through the bundle's tokenizer (left padding); `token_ids` bypass it."""
     from transformers import AutoConfig
 
-    from .runners.registry import make_runner
+    from exportline.verify.runtime.backends import make_runner
 
     root = Path(root)
     if bool(prompts) == bool(token_ids):

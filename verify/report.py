@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ..exporters.errors import VerificationFailed
-from .metrics import compare
+from exportline.exporters.core.errors import VerificationFailed
+from exportline.verify.checks.metrics import compare
 
 # Metrics where larger is better; every other bound is an upper limit.
 _AT_LEAST = {"top1", "cosine", "identical_fraction", "decided_top1", "decided_positions"}
@@ -106,7 +106,7 @@ class VerifyReport:
         return {"passed": self.passed, "environment": self.environment, "stages": [asdict(s) for s in self.stages]}
 
     def write(self, reports_dir: Path) -> None:
-        from ..exporters.bundle import write_text_atomic
+        from exportline.exporters.core.bundle import write_text_atomic
 
         reports_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(reports_dir / "verify.json", json.dumps(self.to_json(), indent=2, default=float) + "\n")

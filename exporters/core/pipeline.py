@@ -1,0 +1,227 @@
+"""Stages: cached, atomic steps `inputs → files in the bundle`, each leaving a record.
+
+A stage writes into a private temporary folder that mirrors the bundle layout; only when
+it returns are its files renamed into place and its record (options, tool versions, input
+fingerprints, wall time, peak memory, outputs) written to manifest.json. A stage whose
+fingerprint is unchanged and whose outputs are intact is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from exportline.exporters.core.bundle import Bundle, _disk_hint, sha256_file
+from exportline.exporters.core.errors import ExportlineError, NotAvailable, OutputError, StageError
+from exportline.exporters.core.measure import measure
+from exportline.exporters.core.presets import verification_record
+
+
+class Source(Protocol):
+    """What the pipeline needs of a model source (see exporters/sources.py)."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def fingerprint(self) -> str: ...
+
+    def write_hf(self, dest: Path, progress: Callable[[str], None]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the user set for the stages; each stage's `options` picks the fields that
+    enter its fingerprint. None means the stage's own default."""
+
+    calibration_data: Path | None = None  # int8: text to calibrate on
+    opset: int | None = None  # onnx
+    trt_max_batch: int | None = None
+    trt_max_sequence: int | None = None
+    trt_workspace_gib: float | None = None
+    trt_timing_cache: Path | None = None  # default: ~/.cache/exportline (tied to the GPU)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class StageContext:
+    bundle: Bundle
+    source: Source
+    tmp: Path  # write here, with the bundle's layout (e.g. tmp / "onnx" / "model.onnx")
+    options: ExportOptions = field(default_factory=ExportOptions)
+    progress: Callable[[str], None] = lambda message: None
+
+    def bundle_file(self, rel: str) -> Path:
+        """An artifact of an earlier stage, read-only."""
+        return self.bundle.root / rel
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One export stage (the registry of them is exporters/stages/__init__.py)."""
+
+    name: str
+    run: Callable[[StageContext], dict[str, Any] | None]  # returns extra facts for the record
+    inputs: Callable[[StageContext], list[str]]  # bundle-relative files the stage reads
+    versions: tuple[str, ...] = ()  # distributions whose versions enter the fingerprint
+    options: Callable[[ExportOptions], dict[str, Any]] = lambda opts: {}  # the options it uses
+    description: str = ""
+
+
+def tool_versions(dists: tuple[str, ...] | list[str]) -> dict[str, str]:
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _input_hashes(bundle: Bundle, rels: list[str], known: dict[str, dict]) -> dict[str, str]:
+    hashes = {}
+    for rel in rels:
+        path = bundle.root / rel
+        if not path.is_file():
+            raise StageError(f"missing input {path}; run the stage that makes it first (see --stages)")
+        st = path.stat()
+        old = known.get(rel)
+        if old and old["bytes"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+            hashes[rel] = old["sha256"]
+        else:
+            hashes[rel] = sha256_file(path)
+    return hashes
+
+
+def _outputs_intact(bundle: Bundle, record: dict, known: dict[str, dict]) -> bool:
+    for rel in record.get("outputs", []):
+        path, old = bundle.root / rel, known.get(rel)
+        if old is None or not path.is_file():
+            return False
+        st = path.stat()
+        if st.st_size != old["bytes"] or st.st_mtime_ns != old.get("mtime_ns"):
+            return False
+    return True
+
+
+@dataclass
+class PipelineResult:
+    manifest: dict[str, Any]
+    ran: list[dict[str, Any]]  # the records of this run, in order
+
+
+def run_pipeline(
+    bundle: Bundle,
+    source: Source,
+    *,
+    stages: list[Stage],
+    options: ExportOptions | None = None,
+    force: bool = False,
+    require: tuple[str, ...] = (),
+    progress: Callable[[str], None] = lambda message: None,
+) -> PipelineResult:
+    """Run `stages` in order under the bundle lock; returns the records of this run.
+
+    A stage raising NotAvailable is recorded as skipped with the reason, unless it is in
+    `require`. Any other error stops the pipeline; files of the failed stage never reach
+    the bundle.
+    """
+    options = options or ExportOptions()
+    ran = []
+    with bundle.lock():
+        bundle.clean_tmp()
+        manifest = bundle.read_manifest()
+        manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        manifest["name"] = source.name
+        manifest["source"] = source.describe()
+        manifest["verification"] = verification_record(manifest["source"])
+        manifest["exportline"] = tool_versions(["exportline"])["exportline"]
+        for stage in stages:
+            record = _run_stage(bundle, source, stage, manifest, options=options, force=force, progress=progress)
+            ran.append(record)
+            manifest.setdefault("stages", {})[stage.name] = record
+            manifest = bundle.write_manifest(manifest)
+            if record["status"] == "skipped" and stage.name in require:
+                raise NotAvailable(f"stage {stage.name} is required (--require) but {record['reason']}")
+        bundle.clean_tmp()
+    return PipelineResult(manifest=manifest, ran=ran)
+
+
+def _run_stage(
+    bundle: Bundle, source: Source, stage: Stage, manifest: dict[str, Any], *,
+    options: ExportOptions, force: bool, progress: Callable[[str], None],
+) -> dict[str, Any]:
+    known = {f["path"]: f for f in manifest.get("files", [])}
+    ctx = StageContext(bundle=bundle, source=source, tmp=bundle.root, options=options, progress=progress)
+    stage_options = stage.options(options)
+    versions = tool_versions(("exportline", *stage.versions))
+    inputs = _input_hashes(bundle, stage.inputs(ctx), known)
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"stage": stage.name, "source": source.fingerprint(), "options": stage_options,
+             "versions": versions, "inputs": inputs},
+            sort_keys=True, default=str,
+        ).encode()
+    ).hexdigest()
+    record: dict[str, Any] = {
+        "name": stage.name, "options": stage_options, "versions": versions,
+        "inputs": inputs, "fingerprint": fingerprint,
+    }
+    previous = manifest.get("stages", {}).get(stage.name)
+    if (
+        not force and previous and previous.get("status") == "done"
+        and previous.get("fingerprint") == fingerprint and _outputs_intact(bundle, previous, known)
+    ):
+        progress(f"{stage.name}: unchanged, skipped (use --force to rerun)")
+        return {**previous, "status": "done", "cached": True}
+
+    ctx.tmp = bundle.tmp_dir(stage.name)
+    progress(f"{stage.name}: running")
+    try:
+        with measure() as m:
+            info = stage.run(ctx) or {}
+    except NotAvailable as exc:
+        bundle.clean_tmp()
+        progress(f"{stage.name}: skipped: {exc}")
+        return {**record, "status": "skipped", "reason": str(exc)}
+    except BaseException as exc:  # nothing of a failed stage reaches the bundle
+        bundle.clean_tmp()
+        translated = _user_error(stage.name, exc)
+        if translated is None:
+            raise
+        raise translated from None
+    outputs = bundle.commit(ctx.tmp)
+    _remove_stale(bundle, previous, outputs)
+    progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
+    return {
+        **record, "status": "done", "cached": False, "outputs": outputs, "info": info,
+        "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _user_error(stage: str, exc: BaseException) -> ExportlineError | None:
+    """Out-of-memory and OS errors (e.g. a full disk) as one-line errors; anything else
+    (an ExportlineError already is one) propagates unchanged."""
+    if isinstance(exc, ExportlineError):
+        return None
+    if isinstance(exc, MemoryError):
+        return StageError(f"stage {stage} ran out of memory; try a smaller preset or a machine with more RAM")
+    if isinstance(exc, OSError):
+        where = f" ({Path(exc.filename).name})" if exc.filename else ""
+        return OutputError(f"stage {stage}: {exc.strerror or exc}{where}; {_disk_hint(exc)}")
+    return None
+
+
+def _remove_stale(bundle: Bundle, previous: dict | None, outputs: list[str]) -> None:
+    """Files an earlier run of this stage wrote that this run did not (e.g. old shards)."""
+    for rel in (previous or {}).get("outputs", []):
+        if rel not in outputs:
+            (bundle.root / rel).unlink(missing_ok=True)

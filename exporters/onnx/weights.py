@@ -1,0 +1,241 @@
+"""Weights of a traced graph: re-pointed at the checkpoint, folded, optimized, streamed out.
+
+After tracing, each parameter initializer wraps a skeleton tensor whose memory was never
+written. `attach_weights` swaps every one of them for a lazy tensor that reads its
+checkpoint entry when the data file is written; `fold_weight_transposes` turns the
+`Transpose(W)` that torch emits for every Linear into a lazily transposed initializer, so
+the file holds W^T as ONNX MatMul wants it and nothing is transposed at session load.
+No large weight is read before `save`, which writes one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exportline.exporters.core.errors import SourceError, StageError
+from exportline.exporters.sources.weights_reader import CheckpointWeights
+
+# Tensors up to this many bytes stay inside model.onnx (shape constants, scalars); every
+# weight goes to the one data file.
+_INLINE_BYTES = 1024
+# Threads that read/transpose and write tensors, so reading one overlaps writing another;
+# each holds two scratch buffers the size of the largest tensor.
+_WRITERS = 2
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    key: str  # checkpoint key
+    perm: tuple[int, ...] | None = None  # transpose applied on the way out
+
+
+class _Scratch(threading.local):
+    """Per writer thread: one read buffer and one transpose buffer, grown to the largest
+    tensor and reused, instead of two fresh allocations (and their page faults) per tensor."""
+
+    def take(self, slot: str, nbytes: int) -> np.ndarray:
+        buf = getattr(self, slot, None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            setattr(self, slot, buf)
+        return buf[:nbytes]
+
+
+_SCRATCH = _Scratch()
+
+
+@functools.cache
+def _checkpoint_tensor_class():
+    import onnx_ir as ir
+    import torch
+
+    class CheckpointTensor(ir.LazyTensor):
+        """An initializer's data: a checkpoint tensor, read (and transposed) when written."""
+
+        __slots__ = ("weights", "source")
+
+        def tofile(self, file) -> None:
+            # The writer calls this and writes at once, so scratch buffers are safe here;
+            # numpy()/tobytes() (used by the optimizer on small tensors) get fresh arrays.
+            stored = self.weights.tensors[self.source.key]
+            array = self.weights.read(self.source.key, self.dtype.numpy(), into=_SCRATCH.take("read", stored.nbytes))
+            if self.source.perm is not None:  # torch's blocked transpose copy is ~4x numpy's here
+                shape = [array.shape[i] for i in self.source.perm]
+                out = _SCRATCH.take("transposed", array.nbytes).view(array.dtype).reshape(shape)
+                torch.from_numpy(out).copy_(torch.from_numpy(array).permute(self.source.perm))
+                array = out
+            file.write(memoryview(array).cast("B"))
+
+    return CheckpointTensor
+
+
+def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, shape, name: str):
+    """An initializer's data: `source` read (and transposed) only when it is written."""
+    import onnx_ir as ir
+    import torch
+
+    def materialize():
+        array = weights.read(source.key, dtype.numpy())
+        if source.perm is not None:
+            array = torch.from_numpy(array).permute(source.perm).contiguous().numpy()
+        return ir.Tensor(array, name=name)
+
+    tensor = _checkpoint_tensor_class()(materialize, dtype=dtype, shape=ir.Shape(shape), name=name)
+    tensor.weights, tensor.source = weights, source
+    return tensor
+
+
+def _checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: str) -> str:
+    """The checkpoint key of a parameter known by `names` (tied parameters have several);
+    checkpoints saved from the base model lack the `model.`/`transformer.` prefix."""
+    for name in names:
+        stripped = name[len(base_prefix) + 1:] if name.startswith(base_prefix + ".") else None
+        for candidate in (name, stripped, f"{base_prefix}.{name}"):
+            if candidate and candidate in weights:
+                return candidate
+    raise SourceError(
+        f"{weights.folder}: no tensor {names[0]!r} in the safetensors; the weights do not match config.json"
+    )
+
+
+def _aliases(model) -> dict[str, list[str]]:
+    """Parameter name → every name of that parameter (tied weights have several)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: names for names in groups.values() for n in names}
+
+
+def check_checkpoint_covers(model, weights: CheckpointWeights) -> None:
+    """Every parameter has a checkpoint tensor of its shape: checked before tracing, so a
+    mismatched checkpoint fails in a second, not after the trace."""
+    aliases = _aliases(model)
+    for name, p in model.named_parameters():
+        key = _checkpoint_key(aliases[name], weights, model.base_model_prefix)
+        if tuple(weights.tensors[key].shape) != tuple(p.shape):
+            raise SourceError(
+                f"{weights.folder}: {key} has shape {list(weights.tensors[key].shape)}, config.json implies {list(p.shape)}"
+            )
+
+
+def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> dict[str, WeightSource]:
+    """Point every parameter initializer at its checkpoint tensor; returns name → source.
+
+    Initializers are renamed to their checkpoint key. Buffers the checkpoint lacks (rotary
+    inv_freq) keep the values the skeleton computed.
+    """
+    import torch
+
+    by_name = _aliases(model)
+    persistent = {n for n, _ in model.named_buffers()} & set(model.state_dict())
+    sources: dict[str, WeightSource] = {}
+    for value in list(graph.initializers.values()):
+        fqn = value.name[len(prefix):] if value.name.startswith(prefix) else value.name
+        if fqn in by_name:
+            key = _checkpoint_key(by_name[fqn], weights, model.base_model_prefix)
+        elif fqn in persistent and fqn in weights:
+            key = fqn
+        else:
+            continue
+        stored = weights.tensors[key]
+        if tuple(stored.shape) != tuple(value.shape.numpy()):
+            raise SourceError(f"{weights.folder}: {key} has shape {list(stored.shape)}, config.json implies {list(value.shape)}")
+        if key in graph.initializers and graph.initializers[key] is not value:
+            raise StageError(f"onnx: two initializers map to checkpoint tensor {key}")
+        value.name = key
+        value.const_value = lazy_weight(weights, WeightSource(key), value.dtype, stored.shape, key)
+        sources[key] = WeightSource(key)
+    _refuse_skeleton_data(graph, model, torch)
+    return sources
+
+
+def _refuse_skeleton_data(graph, model, torch) -> None:
+    """The skeleton's weights are uninitialized memory: none may reach the file."""
+    skeleton = {p.data_ptr() for p in model.parameters()}
+    for value in graph.initializers.values():
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.Tensor) and raw.numel() and raw.data_ptr() in skeleton:
+            raise StageError(f"onnx: initializer {value.name} has no checkpoint tensor behind it")
+
+
+def fold_weight_transposes(graph, sources: dict[str, WeightSource], weights: CheckpointWeights) -> int:
+    """Replace Transpose(W) by an initializer holding W^T, computed when written.
+
+    Only where the Transpose is W's one use: a tied embedding (read by Gather too) keeps
+    its Transpose rather than storing the matrix twice. Returns the number folded.
+    """
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[0]
+        if weight is None or weight.name not in sources or len(weight.uses()) != 1:
+            continue
+        source = sources[weight.name]
+        shape = tuple(weight.shape.numpy())
+        perm = tuple(node.attributes.get_ints("perm", list(reversed(range(len(shape))))))
+        name = f"{source.key}.transposed"
+        out = ir.Value(name=name, shape=ir.Shape([shape[i] for i in perm]), type=weight.type)
+        out.const_value = lazy_weight(weights, WeightSource(source.key, perm), weight.dtype, out.shape.numpy(), name)
+        graph.register_initializer(out)
+        ir.convenience.replace_all_uses_with(node.outputs[0], out)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(weight.name)
+        sources[name] = WeightSource(source.key, perm)
+        del sources[weight.name]
+        folded += 1
+    return folded
+
+
+def simplify(model) -> None:
+    """The local half of onnxscript's optimizer (what torch.onnx runs with optimize=True):
+    constant folding and its rewrite rules, twice. Folding reads only tensors below its
+    size limit, so the large weights stay unread until `save`."""
+    import onnx_ir.passes.common as passes
+    from onnxscript.optimizer import fold_constants_ir
+    from onnxscript.rewriter import rewrite
+
+    passes.InlinePass()(model)
+    for _ in range(2):
+        fold_constants_ir(model, onnx_shape_inference=True)
+        rewrite(model)
+        passes.RemoveUnusedNodesPass()(model)
+
+
+def finalize(model) -> None:
+    """The graph-wide half of the optimizer, run once every layer is in the graph: constants
+    become initializers, equal small ones merge, common subexpressions merge, names fixed.
+
+    Merging equal initializers is graph-wide on purpose and comes after layer copying:
+    before it, two layers' equal norm weights would look like one shared tensor."""
+    import onnx_ir.passes.common as passes
+
+    for step in (
+        passes.RemoveUnusedNodesPass(),
+        passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        passes.DeduplicateInitializersPass(),
+        passes.CommonSubexpressionEliminationPass(),
+        passes.RemoveUnusedNodesPass(),
+        passes.OutputFixPass(),
+        passes.NameFixPass(),
+    ):
+        step(model)
+
+
+def save(model, path: Path, data_name: str) -> None:
+    """model.onnx + ONE external data file beside it (location relative), tensor by tensor."""
+    import onnx_ir as ir
+
+    try:
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=_INLINE_BYTES, max_workers=_WRITERS)
+    except OSError as exc:
+        from exportline.exporters.core.errors import OutputError
+
+        raise OutputError(f"cannot write {path}: {exc.strerror}; free disk space or pick another --out") from None

@@ -1,0 +1,94 @@
+"""Model sources (DESIGN.md §3): a preset, a nanoGPT .pt, a llama2.c .bin or an HF folder.
+
+Each source kind is one folder here plus one `SourceKind` record in SOURCE_KINDS: how a
+command-line SOURCE is recognised, the class that reads it (describe, fingerprint,
+`write_hf(dest, progress)`, which the hf stage calls without knowing the kind) and its
+independent float64 reference, if it has one. `resolve_source(spec)` picks the kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from exportline.exporters.core.errors import ConfigError, SourceError
+from exportline.exporters.core.presets import Preset, config_dir, load_preset, preset_names
+from exportline.exporters.sources.base import CheckpointSource
+from exportline.exporters.sources.hf_folder.source import HFFolderSource
+from exportline.exporters.sources.llama2c.convert import Llama2cSource
+from exportline.exporters.sources.llama2c.reference import Llama2cReference
+from exportline.exporters.sources.nanogpt.convert import NanoGPTSource
+from exportline.exporters.sources.nanogpt.reference import NanoGPTReference
+from exportline.exporters.sources.preset.source import PresetSource
+from exportline.exporters.sources.reference import Reference
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of model source. `reference` builds an independent float64 forward from
+    the checkpoint file; None means the reference is the HF model itself in float64."""
+
+    name: str
+    description: str
+    source: type
+    suffixes: tuple[str, ...] = ()  # checkpoint files recognised by suffix; () for folders/presets
+    reference: Callable[[Path], Reference] | None = None
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
+    SourceKind("preset", "a preset in configs/ (seeded random init)", PresetSource),
+    SourceKind("nanogpt", "nanoGPT train.py ckpt.pt", NanoGPTSource, (".pt", ".pth", ".ckpt"),
+               NanoGPTReference.from_checkpoint),
+    SourceKind("llama2c", "llama2.c export.py .bin", Llama2cSource, (".bin",), Llama2cReference.from_checkpoint),
+    SourceKind("hf", "a Hugging Face model folder", HFFolderSource),
+)}
+SUFFIX_KINDS = {suffix: kind.name for kind in SOURCE_KINDS.values() for suffix in kind.suffixes}  # a folder is "hf"
+
+SUFFIX_KINDS = {".pt": "nanogpt", ".pth": "nanogpt", ".ckpt": "nanogpt", ".bin": "llama2c"}
+
+
+def checkpoint_source(path: Path, **options: Any) -> CheckpointSource:
+    """The source for a checkpoint file or folder, chosen by suffix (folder → HF)."""
+    if not path.exists():
+        raise SourceError(
+            f"{path}: no such file or folder; give a preset ({', '.join(preset_names())}), "
+            "a nanoGPT .pt, a llama2.c .bin or an HF folder (hub ids: download with `hf download ID --local-dir DIR`)"
+        )
+    kind = "hf" if path.is_dir() else SUFFIX_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise SourceError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; expected a nanoGPT "
+                          f".pt/.pth, a llama2.c v0 .bin or an HF folder")
+    return SOURCE_KINDS[kind].source(path, **options)
+
+
+def resolve_source(
+    spec: str, overrides: dict[str, Any] | None = None, *,
+    tokenizer: Path | None = None, trust_remote_code: bool = False,
+):
+    """A preset name, or a path to a checkpoint file or HF folder."""
+    options = {"tokenizer_file": tokenizer, "trust_remote_code": trust_remote_code}
+    path = Path(spec)
+    if path.suffix or "/" in spec or path.exists():
+        return checkpoint_source(path, **options)
+    preset = load_preset(spec, overrides)
+    if preset.checkpoint:
+        src = checkpoint_source(_preset_checkpoint(preset), **options)
+        src.name, src.preset, src.thresholds = preset.name, preset.name, dict(preset.thresholds)
+        return src
+    if tokenizer or trust_remote_code:
+        raise ConfigError(f"preset {spec} is a random init with its own BPE tokenizer; --tokenizer and "
+                          "--trust-remote-code apply to checkpoint sources")
+    return PresetSource(preset)
+
+
+def _preset_checkpoint(preset: Preset) -> Path:
+    """`checkpoint:` is absolute, or relative to the repository (the folder above configs/);
+    a relative path that only exists from the current folder is accepted too."""
+    path = Path(preset.checkpoint).expanduser()
+    if path.is_absolute():
+        return path
+    in_repo = config_dir().parent / path
+    if in_repo.exists() or not path.exists():
+        return in_repo
+    return path

@@ -1,0 +1,1 @@
+"""exporters/sources/llama2c"""

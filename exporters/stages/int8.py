@@ -1,0 +1,328 @@
+"""int8 stage: onnx/model.onnx → onnx/model_int8.onnx (+ model_int8.onnx_data), explicit Q/DQ.
+
+What is quantized: every MatMul/Gemm whose B is a weight (q/k/v/o projections, MLP), int8,
+symmetric, zero point 0, per-channel weight scales on the output channel (axis 1 of B
+[K, N]) and per-tensor activation scales — the form TensorRT accepts (exporters/qdq_form.py
+checks it; a graph that fails is never written). What is not: the lm_head MatMul that
+produces `logits`, norms, softmax, the attention MatMuls between activations and the KV
+cache (softmax probabilities in symmetric int8 keep 7 bits), and MatMul outputs.
+
+Calibration runs on real text (`--calibration-data`, default configs/corpus.txt) tokenized
+with the bundle's tokenizer; held-out chunks (exporters/calibration.py) are never used. Each
+batch is fed as a prefill and then as decode steps whose past_key_values are the fp32
+model's own present outputs, so activation ranges cover the decode regime too. Before
+calibration SmoothQuant (exporters/smoothing.py) is folded into the fp32 weights: without
+it the outlier channels of down_proj's input cost the trained test model 6 points of top-1.
+Everything not quantized stays float32 (the graph derives from model.onnx, not the fp16 one).
+
+Calibration is one pass of the fp32 graph over those feeds (exporters/activation_stats.py):
+it measures max |x| per channel, which gives both SmoothQuant's scales and the symmetric
+MinMax range of every quantized activation (after smoothing), so a 1B model is held in
+memory once or twice, not four times (quantize_static calibrating by itself loads it for
+shape inference, for the augmented session, and the reader needs the fp32 model too: 23 GB
+and an OOM kill for the 1b preset on a 24 GB machine).
+
+Tool: onnxruntime.quantization.quantize_static (QDQ, ranges from a MinMax calibration
+cache), part of the onnxruntime we already depend on. NVIDIA ModelOpt's ONNX PTQ targets the same form but pulls CUDA
+packages and a second onnxruntime build onto CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
+from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph
+from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
+from exportline.exporters.precision.activation_stats import channel_absmax
+from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
+from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
+from exportline.exporters.precision.smoothing import apply as smooth
+from exportline.exporters.precision.smoothing import find_groups, input_axis
+
+SOURCE = "onnx/model.onnx"
+TARGET = "onnx/model_int8.onnx"
+CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
+BATCH = 8  # sequences per calibration feed
+DECODE_STEPS = 8  # decode feeds after each prefill
+
+
+class KVCalibrationReader:
+    """onnxruntime CalibrationDataReader: per batch, one prefill feed (empty past) and then
+    DECODE_STEPS one-token feeds with the past the fp32 model itself produced.
+
+    `observe=(names, callback)`: the model at `model_path` has these extra outputs, and the
+    reader hands their values for every feed to `callback` (the SmoothQuant statistics pass
+    runs this way, so one session both produces the past and measures the activations)."""
+
+    def __init__(self, model_path: Path, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS,
+                 observe: tuple[list[str], Callable] | None = None):
+        self.model_path, self.chunks, self.layout, self.decode_steps = model_path, chunks, layout, decode_steps
+        self.observe = observe
+        self.feeds = 0
+        self._it = None
+
+    def get_next(self) -> dict | None:
+        if self._it is None:
+            self._it = self._generate()
+        return next(self._it, None)
+
+    def __iter__(self):
+        return self._generate()
+
+    def drain(self) -> None:
+        for _ in self._generate():
+            pass
+
+    def _generate(self):
+        import numpy as np
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        presents = self.layout.present_names()
+        observed, callback = self.observe or ([], None)
+        for start in range(0, len(self.chunks), BATCH):
+            ids = np.asarray(self.chunks[start : start + BATCH], dtype=np.int64)
+            batch, total = ids.shape
+            prefill = total - self.decode_steps
+            empty = np.zeros((batch, self.layout.num_kv_heads, 0, self.layout.head_dim), np.float32)
+            past = {name: empty for name in self.layout.past_names()}
+            for begin, end in [(0, prefill)] + [(p, p + 1) for p in range(prefill, total)]:
+                feed = {
+                    "input_ids": ids[:, begin:end],
+                    "attention_mask": np.ones((batch, end), np.int64),
+                    "position_ids": np.tile(np.arange(begin, end, dtype=np.int64), (batch, 1)),
+                    **past,
+                }
+                self.feeds += 1
+                yield feed
+                if end < total or callback:  # the next step's past, and what is observed
+                    values = session.run(presents + observed, feed)
+                    past = dict(zip(self.layout.past_names(), values))
+                    if callback:
+                        callback(values[len(presents):])
+
+
+def lm_head_nodes(model) -> list[str]:
+    """The MatMul/Gemm computing `logits` (through reshapes/casts): kept in float."""
+    index = GraphIndex(model.graph)
+    node = index.producer.get("logits")
+    while node is not None and node.op_type in ("Reshape", "Cast", "Identity", "Transpose", "Squeeze", "Unsqueeze"):
+        node = index.producer.get(node.input[0])
+    return [node.name] if node is not None and node.op_type in ("MatMul", "Gemm") else []
+
+
+def weight_matmuls(model) -> list[str]:
+    """MatMul/Gemm nodes whose B is a weight initializer, lm_head excluded. Named explicitly
+    because quantize_static's MatMulConstBOnly accepts any B with an initializer *upstream*,
+    which in a KV-cache graph includes the attention MatMuls (K via Reshape(shape constant))."""
+    index = GraphIndex(model.graph)
+    head = set(lm_head_nodes(model))
+    return [
+        n.name for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in index.initializers and n.name not in head
+    ]
+
+
+def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: list[str]) -> None:
+    """quantize_static of exactly `nodes` with the symmetric activation ranges `ranges`
+    (tensor → max |x|), passed as an onnxruntime MinMax calibration cache so it runs no
+    calibration of its own; writes `out_path` in its own file naming (re-saved later)."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
+    cache = out_path.parent / "ranges.json"
+    data = {name: (np.float32(-m), np.float32(m)) for name, m in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+    quantize_static(
+        str(model_path), str(out_path), None, calibration_cache_path=str(cache),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False,
+        nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": True, "WeightSymmetric": True,
+            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+            # B [K, N]: output channels on axis 1; Gemm picks 0 or 1 from transB itself
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            "QuantizeBias": False,  # TensorRT takes float biases; int32 bias DQ is ORT-only
+        },
+    )
+
+
+def _layout(ctx: StageContext):
+    from transformers import AutoConfig
+
+    from exportline.exporters.core.shapes import KVLayout
+
+    config = AutoConfig.from_pretrained(str(ctx.bundle.root))
+    return KVLayout.from_config(config), config.max_position_embeddings
+
+
+@contextlib.contextmanager
+def _quiet():
+    """quantize_static advises "pre-processing" through the root logger and its sessions
+    log graph warnings; library code does not print (the facts go to the stage record)."""
+    import logging
+
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+
+
+def _run(ctx: StageContext) -> dict[str, Any]:
+    source = ctx.bundle_file(SOURCE)
+    layout, max_positions = _layout(ctx)
+    text = calibration_path(ctx.options.calibration_data)
+    split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
+    chunks = spread(split.calibration, CALIBRATION_CHUNKS)
+    scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
+    try:
+        model, facts = _smooth_and_quantize(ctx, source, chunks, layout, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    problems = qdq_form_problems(model)
+    if problems:
+        raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
+    topological_sort(model.graph)
+    target = ctx.tmp / TARGET
+    files = save_graph(model, target)
+    check_graph(target)
+    feeds = facts.pop("calibration_feeds")
+    return {
+        **qdq_summary(model), **facts,
+        "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
+        "calibration": {**split.describe(), "sequences": len(chunks), "feeds": feeds,
+                        "decode_steps_per_batch": DECODE_STEPS,
+                        "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
+        "files": [f"onnx/{f}" for f in files], "quantizer": "onnxruntime.quantization.quantize_static",
+    }
+
+
+def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratch: Path):
+    """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph."""
+    graph = load_graph(source, infer=False, weights=False)
+    nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
+    if not nodes:
+        raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize; re-export it with the onnx stage")
+    groups = find_groups(graph, set(nodes))
+    channels = activation_channels(graph, nodes)
+    ctx.progress(f"int8: calibrating {len(nodes)} MatMuls on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    readers = []
+
+    def run(path, observe):
+        readers.append(KVCalibrationReader(path, chunks, layout, observe=observe))
+        readers[-1].drain()
+
+    with _quiet():
+        stats = channel_absmax(source, graph, channels, scratch / "stats", run=run)
+    del graph
+    model = load_graph(source, infer=False)
+    smoothing, scales = smooth(model, groups, stats)
+    smoothed = scratch / "smoothed" / "model.onnx"
+    save_graph(model, smoothed)
+    del model
+    ranges = {x: float((stats[x] / scales[x]).max() if x in scales else stats[x].max()) for x in channels}
+    (scratch / "quantized").mkdir()
+    with _quiet():
+        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes)
+    model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
+    dedicated = dedicate_activation_qdq(model, nodes)
+    return model, {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing, "calibration_feeds": readers[0].feeds}
+
+
+def dedicate_activation_qdq(model, nodes: list[str]) -> int:
+    """Give every quantized MatMul/Gemm its own activation QuantizeLinear → DequantizeLinear
+    pair with its own scale and zero-point initializers (same values); returns how many pairs
+    were added. quantize_static puts one pair on a tensor read by several MatMuls (q/k/v,
+    gate/up), and ONNX Runtime's QDQ fusion does not fuse a MatMul whose activation Q/DQ is
+    shared: its weight is dequantized to float on every call (16 of 56 MatMuls of the 100m
+    preset fused). DedicatedQDQPair does not help: its pairs share one scale/zero-point
+    tensor, and ORT's common-subexpression elimination merges the duplicates back. Numerics
+    are unchanged (same scales); TensorRT takes a pair per consumer as well."""
+    from onnx import numpy_helper
+
+    index = GraphIndex(model.graph)
+    added = 0
+    for node in [n for n in model.graph.node if n.name in nodes]:
+        dq = index.producer.get(node.input[0])
+        q = index.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        if len(index.consumers[dq.output[0]]) == 1 and len(index.consumers[q.output[0]]) == 1:
+            continue  # already its own pair
+        tag = f"{q.input[0]}_for_{node.name}".replace("/", "_")
+        scale, zero = (numpy_helper.to_array(index.initializers[name]) for name in q.input[1:3])
+        model.graph.initializer.extend([numpy_helper.from_array(scale.copy(), f"{tag}_scale"),
+                                        numpy_helper.from_array(zero.copy(), f"{tag}_zero_point")])
+        own_q, own_dq = model.graph.node.add(), model.graph.node.add()
+        own_q.CopyFrom(q)
+        own_dq.CopyFrom(dq)
+        own_q.name, own_dq.name = f"{tag}_QuantizeLinear", f"{tag}_DequantizeLinear"
+        own_q.input[1:3] = own_dq.input[1:3] = [f"{tag}_scale", f"{tag}_zero_point"]
+        own_q.output[0] = own_dq.input[0] = f"{tag}_quantized"
+        own_dq.output[0] = node.input[0] = f"{tag}_dequantized"
+        index.consumers[dq.output[0]].remove(node)
+        added += 1
+    _drop_unread_qdq(model)
+    return added
+
+
+def _drop_unread_qdq(model) -> None:
+    """Remove the shared Q/DQ pairs nothing reads any more, and their scale/zero point."""
+    freed = set()
+    while True:
+        index = GraphIndex(model.graph)
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not index.consumers.get(n.output[0]) and n.output[0] not in index.graph_outputs]
+        if not dead:
+            break
+        for n in dead:
+            freed.update(n.input[1:])
+            model.graph.node.remove(n)
+    read = {name for n in model.graph.node for name in n.input}
+    unread = [t for t in model.graph.initializer if t.name in freed and t.name not in read]
+    for t in unread:
+        model.graph.initializer.remove(t)
+
+
+def activation_channels(graph, nodes: list[str]) -> dict[str, int]:
+    """The activation input of each quantized MatMul/Gemm → its channel count (B's input axis)."""
+    index = GraphIndex(graph.graph)
+    out = {}
+    for node in graph.graph.node:
+        if node.name in nodes:
+            out[node.input[0]] = index.initializers[node.input[1]].dims[input_axis(node)]
+    return out
+
+
+def _options(opts: ExportOptions) -> dict[str, Any]:
+    """What enters the fingerprint: the calibration text by content (None = the shipped corpus)."""
+    given = opts.calibration_data
+    path = calibration_path(given)
+    # absolute, so `exportline verify` finds the held-out text from any working directory
+    return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),
+            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS}
+
+
+def _inputs(ctx: StageContext) -> list[str]:
+    # tokenizer.json only when present: without one the stage is skipped as not available
+    tokenizer = ["tokenizer.json"] if (ctx.bundle.root / "tokenizer.json").is_file() else []
+    return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json", *tokenizer]
+
+
+STAGE = Stage(name="int8", run=_run, inputs=_inputs, versions=("onnx", "onnxruntime", "tokenizers"), options=_options)

@@ -1,0 +1,59 @@
+"""`verify_bundle`: run the checks of every exported stage and write reports/verify.*."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from exportline.exporters.core.bundle import Bundle
+from exportline.exporters.core.errors import ArtifactError, ConfigError
+from exportline.exporters.core.presets import effective_thresholds
+from exportline.verify.checks import CHECKS
+from exportline.verify.checks.context import CheckContext
+from exportline.verify.report import StageReport, VerifyReport
+
+
+def verify_bundle(
+    root: Path,
+    *,
+    stages: list[str] | None = None,
+    options: dict | None = None,
+    progress: Callable[[str], None] = lambda m: None,
+) -> VerifyReport:
+    """Check `stages` (default: every stage the manifest records), write reports/verify.*.
+
+    Holds the bundle lock throughout, so an export cannot change files under the checks;
+    afterwards the manifest's entries for reports/ are refreshed (the others are left as
+    the stages recorded them: verifying must not bless a changed artifact).
+    """
+    bundle = Bundle(root)
+    if not bundle.manifest_path.is_file():
+        raise ArtifactError(f"{root} has no manifest.json; export it first: exportline export SOURCE --out {root}")
+    with bundle.lock():
+        manifest = bundle.read_manifest()
+        records = manifest.get("stages", {})
+        unknown = [n for n in stages or [] if n not in CHECKS]
+        if unknown:
+            raise ConfigError(f"unknown stage {unknown[0]!r}; stages with checks: {', '.join(CHECKS)}")
+        thresholds = effective_thresholds(manifest)
+        ctx = CheckContext(bundle.root, manifest, thresholds, progress=progress, options=dict(options or {}))
+        names = stages if stages is not None else list(records)
+        reports = []
+        for name in [n for n in CHECKS if n in names]:
+            record = records.get(name, {})
+            if record.get("status") == "skipped":
+                reports.append(StageReport(name, "skipped", reason=record.get("reason", "")))
+                continue
+            if record.get("status") != "done":
+                raise ArtifactError(
+                    f"{root} has no finished {name} stage to verify; run: exportline export SOURCE --out {root} --stages {name}"
+                )
+            progress(f"verify: {name}")
+            reports.append(CHECKS[name](ctx))
+        from exportline.exporters.core.doctor import environment_report
+
+        report = VerifyReport(reports, environment_report())
+        report.write(bundle.root / "reports")
+        bundle.write_manifest(bundle.read_manifest(), only_under="reports/")
+    return report
+
