@@ -135,11 +135,18 @@ def check_int8(ctx: CheckContext) -> StageReport:
     extra = {
         "perplexity": {label: round(s["perplexity"], 4) for label, s in scored.items()},
         "heldout": f"{len(heldout)} × {len(heldout[0])} tokens of {text.name}, every {HELDOUT_EVERY}th chunk (never calibrated on)",
-        "perplexity_summary": ", ".join(f"{label} {s['perplexity']:.4g}" for label, s in scored.items())
-        + (f" (reported, {NOT_GATED})" if ctx.random_init else f" (gate: int8/fp32 ≤ {float(ctx.thresholds['int8']['perplexity_ratio']):g})"),
+        "perplexity_summary": _perplexity_summary(scored, ctx),
         "rule": RANDOM_INIT_RULE if ctx.random_init else TRAINED_RULE,
     }
     return StageReport.from_rows("int8", rows, "onnx/model.onnx (fp32) on ONNX Runtime CPU, held-out text", **extra)
+
+
+def _perplexity_summary(scored: dict, ctx: CheckContext) -> str:
+    """One line for verify.md and the model card, saying whether perplexity was a gate."""
+    values = ", ".join(f"{label} {s['perplexity']:.4g}" for label, s in scored.items())
+    if ctx.random_init:
+        return f"{values} (reported, {NOT_GATED})"
+    return f"{values} (gate: int8/fp32 ≤ {float(ctx.thresholds['int8']['perplexity_ratio']):g})"
 
 
 def _heldout(ctx: CheckContext):
