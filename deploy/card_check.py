@@ -45,7 +45,7 @@ def check_card(root: Path) -> list[str]:
     rendered = c.sections(inp)
     for title, source in _DERIVED.items():
         if title in sections:
-            problems += _derived_problems(title, sections[title], rendered[title], source)
+            problems += _derived_problems(title, sections[title], rendered[title], source=source)
     problems += _metadata_problems(card, inp)
     return problems
 
@@ -70,7 +70,7 @@ def _derived_lines(lines) -> list[str]:
     return [line.rstrip() for line in lines if line.lstrip().startswith(("|", "- "))]
 
 
-def _derived_problems(title: str, section: str, expected_lines: list[str], source: str) -> list[str]:
+def _derived_problems(title: str, section: str, expected_lines: list[str], *, source: str) -> list[str]:
     expected, actual = _derived_lines(expected_lines), _derived_lines(section.splitlines())
     by_key = {_key(line): line for line in expected}
     problems = []

@@ -215,7 +215,7 @@ def _sync(api, result: PushResult, root: Path, *, private: bool, delete: Callabl
         result.commit = info.sha
     if result.tag:
         with hub_errors(f"tagging {repo_id}", repo_id, "run the same command again to create the tag"):
-            result.tag_created = _ensure_tag(api, repo_id, repo_type, result.tag, result.commit)
+            result.tag_created = _ensure_tag(api, repo_id, repo_type, tag=result.tag, commit=result.commit)
 
 
 def _same_as_remote(remote, local: UploadFile, root: Path) -> bool:
@@ -230,7 +230,7 @@ def _same_as_remote(remote, local: UploadFile, root: Path) -> bool:
     return remote.blob_id == git_hash((root / local.path).read_bytes())  # regular files are small
 
 
-def _ensure_tag(api, repo_id: str, repo_type: str, tag: str, commit: str) -> bool:
+def _ensure_tag(api, repo_id: str, repo_type: str, *, tag: str, commit: str) -> bool:
     """Create `tag` at `commit`; an existing tag there is fine, elsewhere it is an error."""
     existing = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=repo_type).tags}
     if tag in existing:

@@ -49,7 +49,7 @@ def pull_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     revision = revision or "main"
     try:
-        commit = _download(repo_id, revision, tmp, resolve_token(token), progress)
+        commit = _download(repo_id, revision, tmp, token=resolve_token(token), progress=progress)
         progress("checking every file against manifest.json")
         manifest, missing = verify_download(tmp, repo_id)
         engines = check_engines(tmp, bundle_arg=str(out))
@@ -66,7 +66,7 @@ def pull_bundle(
     return PullResult(repo_id, revision, commit, out, len(files), sum(f["bytes"] for f in files), missing, engines)
 
 
-def _download(repo_id: str, revision: str, dest: Path, token: str | None, progress: Callable[[str], None]) -> str:
+def _download(repo_id: str, revision: str, dest: Path, *, token: str | None, progress: Callable[[str], None]) -> str:
     """snapshot_download pinned to the commit `revision` resolves to; returns that commit."""
     from huggingface_hub import snapshot_download
 

@@ -144,7 +144,7 @@ def run_pipeline(
         manifest["verification"] = verification_record(manifest["source"])
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for stage in stages:
-            record = _run_stage(bundle, source, stage, manifest, options=options, force=force, progress=progress)
+            record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
             ran.append(record)
             manifest.setdefault("stages", {})[stage.name] = record
             manifest = bundle.write_manifest(manifest)
@@ -155,8 +155,7 @@ def run_pipeline(
 
 
 def _run_stage(
-    bundle: Bundle, source: Source, stage: Stage, manifest: dict[str, Any], *,
-    options: ExportOptions, force: bool, progress: Callable[[str], None],
+    bundle: Bundle, source: Source, stage: Stage, *, manifest: dict[str, Any],     options: ExportOptions, force: bool, progress: Callable[[str], None],
 ) -> dict[str, Any]:
     known = {f["path"]: f for f in manifest.get("files", [])}
     ctx = StageContext(bundle=bundle, source=source, tmp=bundle.root, options=options, progress=progress)

@@ -147,7 +147,7 @@ def _kv_wrapper(model):
             super().__init__()
             self.lm = lm  # the attribute name is WRAPPER_PREFIX
 
-        def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values):  # noqa: PLR0917 (torch.export passes inputs positionally)
             cache = DynamicCache(config=self.lm.config)
             # The past becomes each layer's cache as is: `update` would concatenate it to an
             # empty tensor, adding per-layer nodes outside the decoder layers.

@@ -87,7 +87,7 @@ def _source(index: GraphIndex, act: str) -> SmoothGroup | None:
     return None
 
 
-def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha: float = ALPHA):
+def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], *, alpha: float = ALPHA):
     """Scale the initializers of `model` (weights loaded) in place; returns the facts for the
     record and s per smoothed activation (the smoothed X is X / s)."""
     from onnx import numpy_helper
@@ -96,8 +96,8 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha
     largest, scales = 1.0, {}
     for g in groups:
         if g.axis == 0:  # norm parameters other norms share (exporters dedupe equal weights)
-            g.source = _private(model, index, g.node, g.source)
-            g.bias = _private(model, index, g.node, g.bias) if g.bias else None
+            g.source = _private(model, index, g.node, init=g.source)
+            g.bias = _private(model, index, g.node, init=g.bias) if g.bias else None
         inits = {t.name: t for t in model.graph.initializer}
         weights = [(numpy_helper.to_array(inits[w]).astype(np.float32), axis) for w, axis in g.weights]
         w_max = np.max(np.stack([np.abs(w).max(axis=1 - axis) for w, axis in weights]), axis=0)
@@ -118,7 +118,7 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha
     return facts, scales
 
 
-def _private(model, index: GraphIndex, node_name: str, init: str) -> str:
+def _private(model, index: GraphIndex, node_name: str, *, init: str) -> str:
     """`init` as read by `node_name` only: a copy when other nodes read it too."""
     readers = index.consumers[init]
     if len(readers) <= 1:

@@ -130,7 +130,7 @@ def weight_matmuls(model) -> list[str]:
     ]
 
 
-def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: list[str]) -> None:
+def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], *, nodes: list[str]) -> None:
     """quantize_static of exactly `nodes` with the symmetric activation ranges `ranges`
     (tensor → max |x|), passed as an onnxruntime MinMax calibration cache so it runs no
     calibration of its own; writes `out_path` in its own file naming (re-saved later)."""
@@ -192,7 +192,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
     try:
-        model, facts = _smooth_and_quantize(ctx, source, chunks, layout, scratch)
+        model, facts = _smooth_and_quantize(ctx, source, chunks, layout=layout, scratch=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     problems = qdq_form_problems(model)
@@ -213,7 +213,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratch: Path):
+def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, *, layout, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
@@ -229,7 +229,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
         readers[-1].drain()
 
     with _quiet():
-        stats = channel_absmax(source, graph, channels, scratch / "stats", run=run)
+        stats = channel_absmax(source, graph, channels, scratch=scratch / "stats", run=run)
     del graph
     model = load_graph(source, infer=False)
     smoothing, scales = smooth(model, groups, stats)
@@ -239,7 +239,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
     ranges = {x: float((stats[x] / scales[x]).max() if x in scales else stats[x].max()) for x in channels}
     (scratch / "quantized").mkdir()
     with _quiet():
-        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes)
+        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes=nodes)
     model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
     dedicated = dedicate_activation_qdq(model, nodes)
     return model, {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing, "calibration_feeds": readers[0].feeds}

@@ -71,14 +71,14 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     with candidate:
         for case, feed, ref in expected:
             out = candidate.infer(feed)
-            rows += _fp16_rows(case, out, ref, logits_bounds)
+            rows += _fp16_rows(case, out, ref, logits_bounds=logits_bounds)
             if r and np.shape(out.get("logits")) == np.shape(ref["logits"]):
                 keep = output_mask(case, "logits").astype(bool)
                 agreement.add(out["logits"][keep], ref["logits"][keep])
         tokens = greedy_tokens(candidate, layout, prompt)
     rows.append(greedy_row("fp16", reference_tokens, tokens, required=False))
     if r:
-        rows.append(agreement_row("fp16", "every case, positions float64 has decided", agreement, r,
+        rows.append(agreement_row("fp16", "every case, positions float64 has decided", agreement, bounds=r,
                                   gated=("decided_top1", "decided_positions")))
     return StageReport.from_rows(
         "fp16", rows, "HF transformers in torch float64 on CPU; logits judged, present.* and greedy tokens reported",
@@ -87,24 +87,25 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     )
 
 
-def agreement_row(stage: str, case: str, agreement: LogitAgreement, bounds: dict, *, gated: tuple[str, ...],
+def agreement_row(stage: str, case: str, agreement: LogitAgreement, *, bounds: dict, gated: tuple[str, ...],
                   note: str = "") -> CheckRow:
     """One row from accumulated logits; `bounds` holds rel_l2 (which also sets the noise a
     decided position must beat), margin_z and the bounds named in `gated`."""
     metrics = agreement.metrics(rel_l2_bound=float(bounds["rel_l2"]), z=float(bounds["margin_z"]))
-    return judge(stage, case, "logits", agreement.shape, metrics, {k: float(bounds[k]) for k in gated}, note=note)
+    return judge(stage, case, "logits", shape=agreement.shape, metrics=metrics,
+                 bounds={k: float(bounds[k]) for k in gated}, note=note)
 
 
-def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], logits_bounds: dict) -> list[CheckRow]:
+def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, logits_bounds: dict) -> list[CheckRow]:
     rows = []
     for name, expected in ref.items():
         bounds = logits_bounds if name == "logits" else {}
         if name not in out or np.shape(out[name]) != np.shape(expected):
             got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge("fp16", case.name, name, np.shape(expected), {}, bounds or {"rel_l2": 0.0}, note=f"output {got}"))
+            rows.append(judge("fp16", case.name, name, shape=np.shape(expected), metrics={}, bounds=bounds or {"rel_l2": 0.0}, note=f"output {got}"))
             continue
         rows.append(tensor_row(
-            "fp16", case.name, name, positions_first(name, out[name]), positions_first(name, expected), bounds,
+            "fp16", case.name, name, out=positions_first(name, out[name]), ref=positions_first(name, expected), bounds=bounds,
             mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
         ))
     return rows
@@ -206,16 +207,17 @@ def _int8_rows(scored: dict, thresholds: dict, *, random_init: bool, shape: list
     for label, s in scored.items():
         metrics = {"perplexity": s["perplexity"], "perplexity_ratio": s["perplexity"] / base}
         bounds = {"perplexity_ratio": float(t["perplexity_ratio"])} if label == "int8" and gate else {}
-        rows.append(judge("int8", f"held-out text, {label} graph", "perplexity", shape, metrics, bounds,
+        rows.append(judge("int8", f"held-out text, {label} graph", "perplexity", shape=shape, metrics=metrics, bounds=bounds,
                           note=note if label == "int8" else ""))
     for label in ("fp16", "int8"):
         if label in scored:
             agree = float((scored[label]["argmax"] == scored["fp32"]["argmax"]).mean())
             bounds = {"top1": float(t["top1"])} if label == "int8" and gate else {}
-            rows.append(judge("int8", f"held-out text, {label} vs fp32", "logits argmax", shape, {"top1": agree}, bounds,
-                              note=note if label == "int8" else ""))
+            rows.append(judge("int8", f"held-out text, {label} vs fp32", "logits argmax", shape=shape, metrics={"top1": agree},
+                              bounds=bounds, note=note if label == "int8" else ""))
     if "int8" not in scored:
-        rows.append(judge("int8", "held-out text", "perplexity", shape, {}, {"perplexity_ratio": float(t["perplexity_ratio"])},
+        rows.append(judge("int8", "held-out text", "perplexity", shape=shape, metrics={},
+                          bounds={"perplexity_ratio": float(t["perplexity_ratio"])},
                           note="no int8 graph to score"))
     return rows
 
@@ -225,5 +227,5 @@ def _logits_row(agreement: LogitAgreement, thresholds: dict, *, random_init: boo
     configs/thresholds.yaml `int8_random_init`, measured on every preset), reported otherwise."""
     gated = ("rel_l2", "cosine", "decided_top1", "decided_positions") if random_init else ()
     note = "" if random_init else "trained weights are judged on perplexity"
-    return agreement_row("int8", "held-out text, int8 vs fp32", agreement, thresholds["int8_random_init"],
+    return agreement_row("int8", "held-out text, int8 vs fp32", agreement, bounds=thresholds["int8_random_init"],
                          gated=gated, note=note)
