@@ -82,9 +82,9 @@ def _require_bundle(root: Path) -> Bundle:
 
 def _load_model(root: Path):
     bundle = _require_bundle(root)
-    from transformers import AutoConfig
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(root)  # a config file only: no code runs
+    config = load_config(root)  # a config file only: no code runs
     return bundle.read_manifest(), config
 
 

@@ -19,20 +19,21 @@ _DERIVED = {
 }
 
 
-def check_card(root: Path) -> list[str]:
-    """Problems with `root`/README.md, one line each; an empty list means the card is sound."""
+def check_card(root: Path, *, text: str | None = None, manifest: dict | None = None) -> list[str]:
+    """Problems with `root`/README.md, one line each; an empty list means the card is sound.
+    `text` and `manifest` check a card not written yet (push --dry-run) against that manifest."""
     from huggingface_hub import ModelCard
 
     root = Path(root)
     path = root / c.README
-    if not path.is_file():
+    if text is None and not path.is_file():
         return [f"{path} is missing; write it with: exportline card write {root}"]
-    text = path.read_text()
+    text = path.read_text() if text is None else text
     try:
         card = ModelCard(text)
     except Exception as exc:  # yaml and huggingface_hub raise several types for a broken header
         return [f"README.md metadata cannot be parsed ({str(exc).splitlines()[0]}); regenerate it: exportline card write {root}"]
-    inp = c.load_inputs(root)
+    inp = c.load_inputs(root, manifest=manifest)
     problems = _placeholders(text)
     sections = _sections(card.text)
     for title in c.SECTIONS:

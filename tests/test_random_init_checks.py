@@ -16,7 +16,7 @@ from exportline.deploy.card_check import check_card
 from exportline.deploy.prepare import prepare_bundle
 from exportline.exporters.core.bundle import Bundle
 from exportline.exporters.sources import resolve_source
-from exportline.verify.checks.metrics import LogitAgreement
+from exportline.verify.metrics import LogitAgreement
 from exportline.verify.suite import verify_bundle
 
 from quant_models import export_bundle

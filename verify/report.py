@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from exportline.exporters.core.errors import VerificationFailed
-from exportline.verify.checks.metrics import compare
+from exportline.verify.metrics import compare
 
 # Metrics where larger is better; every other bound is an upper limit.
 _AT_LEAST = {"top1", "cosine", "identical_fraction", "decided_top1", "decided_positions"}

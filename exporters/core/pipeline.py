@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from exportline.exporters.core.bundle import Bundle, _disk_hint, sha256_file
+from exportline.exporters.core.consumer_files import without_consumer_block, write_consumer_files
 from exportline.exporters.core.errors import ExportlineError, NotAvailable, OutputError, StageError
 from exportline.exporters.core.measure import measure
 from exportline.exporters.core.presets import verification_record
@@ -91,6 +93,9 @@ def _input_hashes(bundle: Bundle, rels: list[str], known: dict[str, dict]) -> di
         path = bundle.root / rel
         if not path.is_file():
             raise StageError(f"missing input {path}; run the stage that makes it first (see --stages)")
+        if rel == "config.json":  # the consumer block follows the graphs; no stage reads it
+            hashes[rel] = hashlib.sha256(without_consumer_block(path).encode()).hexdigest()
+            continue
         st = path.stat()
         old = known.get(rel)
         if old and old["bytes"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
@@ -147,6 +152,7 @@ def run_pipeline(
             record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
             ran.append(record)
             manifest.setdefault("stages", {})[stage.name] = record
+            write_consumer_files(bundle.root)  # transformers.js/genai configs name the graphs now present
             manifest = bundle.write_manifest(manifest)
             if record["status"] == "skipped" and stage.name in require:
                 raise NotAvailable(f"stage {stage.name} is required (--require) but {record['reason']}")
@@ -196,6 +202,7 @@ def _run_stage(
         if translated is None:
             raise
         raise translated from None
+    share_like_umask(ctx.tmp)
     outputs = bundle.commit(ctx.tmp)
     _remove_stale(bundle, previous, outputs)
     progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
@@ -204,6 +211,18 @@ def _run_stage(
         "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def share_like_umask(folder: Path) -> None:
+    """Every file a stage wrote gets the mode the user's umask gives a new file. Some writers
+    create theirs 0600 (safetensors' save_file, onnx's external data), which a serving
+    container's non-root user cannot read; the bundle is meant to be shared."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def _user_error(stage: str, exc: BaseException) -> ExportlineError | None:

@@ -26,12 +26,14 @@ from __future__ import annotations
 from typing import Any
 
 from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
 from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
+from exportline.exporters.onnx.metadata import stamp_derived
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_fp16.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["fp16"].path
 KEEP_FLOAT32_IO = ("logits",)
 
 # Op types that always compute in float32 (DESIGN.md §4), besides the library's defaults
@@ -228,6 +230,10 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
     converted, facts = convert(model)
     del model
+    import onnxruntime
+
+    stamp_derived(converted, ctx=ctx, precision="fp16", parent=ctx.bundle_file(SOURCE),
+                  step=f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands")
     target = ctx.tmp / TARGET
     files = save_graph(converted, target)
     check_graph(target)

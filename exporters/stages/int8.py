@@ -35,17 +35,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph
 from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
+from exportline.exporters.onnx.metadata import stamp_derived
 from exportline.exporters.precision.activation_stats import channel_absmax
 from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
 from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
 from exportline.exporters.precision.smoothing import apply as smooth
 from exportline.exporters.precision.smoothing import find_groups, input_axis
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_int8.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
@@ -157,11 +159,10 @@ def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], *, node
 
 
 def _layout(ctx: StageContext):
-    from transformers import AutoConfig
-
     from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(str(ctx.bundle.root))
+    config = load_config(ctx.bundle.root)
     return KVLayout.from_config(config), config.max_position_embeddings
 
 
@@ -199,6 +200,10 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     if problems:
         raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
     topological_sort(model.graph)
+    import onnxruntime
+
+    stamp_derived(model, ctx=ctx, precision="int8", parent=source,
+                  step=f"exportline SmoothQuant + onnxruntime {onnxruntime.__version__} quantize_static (Q/DQ)")
     target = ctx.tmp / TARGET
     files = save_graph(model, target)
     check_graph(target)

@@ -169,9 +169,9 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             f"trt builds from {' or '.join(ENGINE_SOURCES.values())}, and {ctx.bundle.root} has neither; "
             f"make them first: exportline export SOURCE --out {ctx.bundle.root} --stages fp16,int8"
         )
-    from transformers import AutoConfig
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(ctx.bundle.root)  # config.json only; no weights are read
+    config = load_config(ctx.bundle.root)  # config.json only; no weights are read
     max_sequence = opts["max_sequence"] or default_max_sequence(config)
     if max_sequence > config.max_position_embeddings:
         raise ConfigError(

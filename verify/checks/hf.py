@@ -123,9 +123,9 @@ def _weights_row(root: Path, source: dict) -> CheckRow:
     import torch
     from safetensors import safe_open
 
-    from exportline.exporters.sources.hf_writer import weight_files
+    from exportline.exporters.sources.weights_reader import shard_paths
 
-    handles = [safe_open(str(p), framework="pt") for p in weight_files(root)]
+    handles = [safe_open(str(p), framework="pt") for p in shard_paths(root)]
     where = {k: h for h in handles for k in h.keys()}
     seen, bad, max_abs = set(), [], 0.0
     for name, want in _source_tensors(root, source):

@@ -96,18 +96,24 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
     )
 
 
-def compare_case(stage: str, case: Case, out: dict[str, np.ndarray], *, ref: dict[str, np.ndarray], bounds: dict) -> list[CheckRow]:
-    """One row per reference output; an output the graph lacks or shapes wrongly fails its row."""
+def compare_case(
+    stage: str, case: Case, out: dict[str, np.ndarray], *, ref: dict[str, np.ndarray], bounds: dict,
+    label: str | None = None, logits_only: bool = False,
+) -> list[CheckRow]:
+    """One row per reference output; an output the graph lacks or shapes wrongly fails its row.
+    `logits_only`: `bounds` judge the logits; the other outputs (the KV cache) are reported."""
     rows = []
     for name, expected in ref.items():
+        judged = bounds if name == "logits" or not logits_only else {}
         if name not in out or np.shape(out[name]) != np.shape(expected):
             got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge(stage, case.name, name, shape=np.shape(expected), metrics={}, bounds=bounds, note=f"output {got}"))
+            rows.append(judge(stage, label or case.name, name, shape=np.shape(expected), metrics={},
+                              bounds=judged or {"rel_l2": 0.0}, note=f"output {got}"))
             continue
         rows.append(tensor_row(
-            stage, case.name, name,
+            stage, label or case.name, name,
             out=positions_first(name, out[name]), ref=positions_first(name, expected),
-            bounds=bounds, mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
+            bounds=judged, mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
         ))
     return rows
 

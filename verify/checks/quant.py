@@ -30,11 +30,11 @@ from exportline.exporters.precision.calibration import (
     split_text,
     spread,
 )
-from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.cases import Case, output_mask
 from exportline.verify.checks.context import CheckContext
-from exportline.verify.checks.metrics import LogitAgreement
-from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
-from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
+from exportline.verify.checks.onnx import compare_case, float64_expectations, greedy_row, greedy_tokens
+from exportline.verify.metrics import LogitAgreement
+from exportline.verify.report import CheckRow, StageReport, judge
 from exportline.verify.runtime.backends import make_runner
 
 HELDOUT_CHUNKS = 16  # held-out sequences scored for perplexity (16 × 128 tokens)
@@ -97,18 +97,7 @@ def agreement_row(stage: str, case: str, agreement: LogitAgreement, *, bounds: d
 
 
 def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, logits_bounds: dict) -> list[CheckRow]:
-    rows = []
-    for name, expected in ref.items():
-        bounds = logits_bounds if name == "logits" else {}
-        if name not in out or np.shape(out[name]) != np.shape(expected):
-            got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge("fp16", case.name, name, shape=np.shape(expected), metrics={}, bounds=bounds or {"rel_l2": 0.0}, note=f"output {got}"))
-            continue
-        rows.append(tensor_row(
-            "fp16", case.name, name, out=positions_first(name, out[name]), ref=positions_first(name, expected), bounds=bounds,
-            mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
-        ))
-    return rows
+    return compare_case("fp16", case, out, ref=ref, bounds=logits_bounds, logits_only=True)
 
 
 # -- int8 ---------------------------------------------------------------------------------------
@@ -152,9 +141,8 @@ def _perplexity_summary(scored: dict, ctx: CheckContext) -> str:
 
 def _heldout(ctx: CheckContext):
     """The held-out chunks of the int8 stage's own calibration text (same file, same split)."""
-    from transformers import AutoConfig
-
     from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.sources.hf_writer import load_config
 
     options = ctx.manifest.get("stages", {}).get("int8", {}).get("options", {})
     text = calibration_path(options.get("calibration_data"))
@@ -163,7 +151,7 @@ def _heldout(ctx: CheckContext):
             f"{text} changed since the int8 stage calibrated on it, so its held-out part is unknown; "
             "restore it or re-run: exportline export SOURCE --stages int8 --force"
         )
-    config = AutoConfig.from_pretrained(str(ctx.root))
+    config = load_config(ctx.root)
     split = split_text(text, load_tokenizer(ctx.root), max_positions=config.max_position_embeddings)
     return spread(split.heldout, HELDOUT_CHUNKS), text, KVLayout.from_config(config)
 

@@ -24,10 +24,10 @@ from exportline.exporters.tensorrt.engines import (
     read_metadata,
     select_profile,
 )
-from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.cases import Case
 from exportline.verify.checks.context import CheckContext
-from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
-from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
+from exportline.verify.checks.onnx import compare_case, float64_expectations, greedy_row, greedy_tokens
+from exportline.verify.report import CheckRow, StageReport, judge
 from exportline.verify.runtime.backends import make_runner
 
 STAGE = "trt"
@@ -91,16 +91,4 @@ def _engine_rows(runner, precision: str, case: Case, *, feed, ref, bounds: dict)
         select_profile(runner.meta["profiles"], {k: np.shape(v) for k, v in feed.items()})
     except ConfigError as exc:  # the engine was built with smaller limits than this case
         return [judge(STAGE, label, "logits", shape=np.shape(ref["logits"]), metrics={}, bounds={}, note=f"not run: {exc}")]
-    out = runner.infer(feed)
-    rows = []
-    for name, expected in ref.items():
-        judged = bounds if name == "logits" else {}
-        if name not in out or np.shape(out[name]) != np.shape(expected):
-            got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge(STAGE, label, name, shape=np.shape(expected), metrics={}, bounds=judged or {"rel_l2": 0.0}, note=f"output {got}"))
-            continue
-        rows.append(tensor_row(
-            STAGE, label, name, out=positions_first(name, out[name]), ref=positions_first(name, expected), bounds=judged,
-            mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
-        ))
-    return rows
+    return compare_case(STAGE, case, runner.infer(feed), ref=ref, bounds=bounds, label=label, logits_only=True)
