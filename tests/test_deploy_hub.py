@@ -6,6 +6,8 @@ from __future__ import annotations
 from exportline.deploy.prepare import prepare_bundle
 from exportline.exporters.core.bundle import Bundle, sha256_file
 
+from deploy_bundle import rewrite_report
+
 REPO = "org/tiny"
 
 
@@ -51,7 +53,7 @@ def test_pull_by_tag_checks_every_file_and_loads(local_hub, deploy_bundle, tmp_p
                          env_token=local_hub.token).returncode == 0
     tagged = {f["path"]: f["sha256"] for f in Bundle(deploy_bundle).read_manifest()["files"]}
     bench = deploy_bundle / "reports" / "bench.json"
-    bench.write_text(bench.read_text().replace("2000.0", "2100.0"))  # main moves on past the tag
+    rewrite_report(deploy_bundle, "reports/bench.json", bench.read_text().replace("2000.0", "2100.0"))  # main moves on
     assert local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token).returncode == 0
 
     out = tmp_path / "pulled"
@@ -137,7 +139,7 @@ def test_transient_lfs_upload_error_is_retried(local_hub, deploy_bundle):
 def test_concurrent_commit_is_not_overwritten(local_hub, deploy_bundle):
     assert local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token).returncode == 0
     bench = deploy_bundle / "reports" / "bench.json"
-    bench.write_text(bench.read_text().replace("800.0", "810.0"))
+    rewrite_report(deploy_bundle, "reports/bench.json", bench.read_text().replace("800.0", "810.0"))
     local_hub.state.before("commit", lambda state: state.direct_commit(REPO, "NOTES.md", b"edited in the web UI\n"))
     proc = local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token)
     assert proc.returncode != 0
@@ -150,7 +152,7 @@ def test_concurrent_commit_is_not_overwritten(local_hub, deploy_bundle):
 def test_token_looking_string_in_bundle_is_refused(local_hub, deploy_bundle):
     planted = "hf_" + "Q7" * 17
     notes = deploy_bundle / "reports" / "verify.md"
-    notes.write_text(notes.read_text() + f"\nlogin with {planted}\n")
+    rewrite_report(deploy_bundle, "reports/verify.md", notes.read_text() + f"\nlogin with {planted}\n")
     proc = local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token)
     assert proc.returncode != 0
     line = _error_line(proc)

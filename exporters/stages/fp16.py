@@ -185,9 +185,10 @@ def float32_violations(model, nodes: set[str], op_types: tuple[str, ...] = FLOAT
     return bad
 
 
-def convert(model) -> tuple[Any, dict[str, Any]]:
+def convert(model, *, keep_io: tuple[str, ...] = KEEP_FLOAT32_IO) -> tuple[Any, dict[str, Any]]:
     """float32 ModelProto (with value_info) → mixed-precision ModelProto and the facts of it.
-    The converter edits `model` in place: do not use it afterwards."""
+    `keep_io`: graph inputs/outputs that stay float32. The converter edits `model` in place:
+    do not use it afterwards."""
     from collections import Counter
 
     from onnx import TensorProto
@@ -196,7 +197,7 @@ def convert(model) -> tuple[Any, dict[str, Any]]:
     index = GraphIndex(model.graph)
     norms, angles = norm_nodes(index), angle_nodes(index)
     casts_before = sum(n.op_type == "Cast" for n in model.graph.node)
-    keep_io = [o.name for o in model.graph.output if o.name in KEEP_FLOAT32_IO]
+    keep_io = [v.name for v in (*model.graph.input, *model.graph.output) if v.name in keep_io]
     _drop_initializer_value_info(model.graph)
     converted = convert_float_to_float16(
         model, keep_io_types=keep_io, disable_shape_infer=True,
@@ -228,7 +229,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     ctx.progress("fp16: loading onnx/model.onnx")
     model = load_graph(ctx.bundle_file(SOURCE))
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
-    converted, facts = convert(model)
+    converted, facts = convert(model, keep_io=_float32_io(ctx, model))
     del model
     import onnxruntime
 
@@ -238,6 +239,16 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     files = save_graph(converted, target)
     check_graph(target)
     return {**facts, "files": [f"onnx/{f}" for f in files], "converter": "onnxruntime.transformers.float16"}
+
+
+def _float32_io(ctx: StageContext, model) -> tuple[str, ...]:
+    """A custom module keeps its declared float inputs and outputs float32 (its callers feed
+    and read the dtypes the spec declares; there is no KV cache to halve)."""
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if not is_custom(ctx.bundle.root):
+        return KEEP_FLOAT32_IO
+    return tuple(v.name for v in (*model.graph.input, *model.graph.output))
 
 
 def _inputs(ctx: StageContext) -> list[str]:

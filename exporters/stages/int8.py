@@ -186,27 +186,17 @@ def _quiet():
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
-    source = ctx.bundle_file(SOURCE)
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if is_custom(ctx.bundle.root):
+        return _run_declared(ctx)
     layout, max_positions = _layout(ctx)
     text = calibration_path(ctx.options.calibration_data)
     split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
-    scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
-    try:
-        model, facts = _smooth_and_quantize(ctx, source, chunks, layout=layout, scratch=scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    problems = qdq_form_problems(model)
-    if problems:
-        raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
-    topological_sort(model.graph)
-    import onnxruntime
-
-    stamp_derived(model, ctx=ctx, precision="int8", parent=source,
-                  step=f"exportline SmoothQuant + onnxruntime {onnxruntime.__version__} quantize_static (Q/DQ)")
-    target = ctx.tmp / TARGET
-    files = save_graph(model, target)
-    check_graph(target)
+    ctx.progress(f"int8: calibrating on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    model, facts = _quantized(ctx, lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe))
+    files = _write(ctx, model)
     feeds = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
@@ -218,19 +208,65 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, *, layout, scratch: Path):
-    """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph."""
+def _run_declared(ctx: StageContext) -> dict[str, Any]:
+    """A custom module: calibrated on inputs sampled from its declared I/O or on
+    --calibration-inputs; everything else as for the built-in LMs."""
+    from exportline.exporters.precision.declared_calibration import DeclaredCalibrationReader, declared_feeds
+    from exportline.exporters.sources.custom.model import bundle_io
+
+    io, _ = bundle_io(ctx.bundle.root)
+    feeds = declared_feeds(io, ctx.options.calibration_inputs)
+    ctx.progress(f"int8: calibrating on {len(feeds)} feeds ({'--calibration-inputs' if ctx.options.calibration_inputs else 'sampled from the input spec'})")
+    model, facts = _quantized(ctx, lambda path, observe: DeclaredCalibrationReader(path, feeds, observe=observe))
+    files = _write(ctx, model)
+    fed = facts.pop("calibration_feeds")
+    return {
+        **qdq_summary(model), **facts,
+        "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
+        "calibration": {"feeds": fed, "inputs": str(ctx.options.calibration_inputs or "sampled from the input spec"),
+                        "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
+        "files": [f"onnx/{f}" for f in files], "quantizer": "onnxruntime.quantization.quantize_static",
+    }
+
+
+def _quantized(ctx: StageContext, make_reader: Callable):
+    scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
+    try:
+        return _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader=make_reader, scratch=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(ctx: StageContext, model) -> list[str]:
+    import onnxruntime
+
+    problems = qdq_form_problems(model)
+    if problems:
+        raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
+    topological_sort(model.graph)
+    stamp_derived(model, ctx=ctx, precision="int8", parent=ctx.bundle_file(SOURCE),
+                  step=f"exportline SmoothQuant + onnxruntime {onnxruntime.__version__} quantize_static (Q/DQ)")
+    target = ctx.tmp / TARGET
+    files = save_graph(model, target)
+    check_graph(target)
+    return files
+
+
+def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callable, scratch: Path):
+    """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph.
+    `make_reader(path, observe)` gives the calibration reader (see KVCalibrationReader)."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
     if not nodes:
-        raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize; re-export it with the onnx stage")
+        raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize (no Linear layers?); "
+                         "leave int8 out: --stages hf,onnx,fp16")
     groups = find_groups(graph, set(nodes))
     channels = activation_channels(graph, nodes)
-    ctx.progress(f"int8: calibrating {len(nodes)} MatMuls on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    ctx.progress(f"int8: {len(nodes)} MatMuls to quantize")
     readers = []
 
     def run(path, observe):
-        readers.append(KVCalibrationReader(path, chunks, layout, observe=observe))
+        readers.append(make_reader(path, observe))
         readers[-1].drain()
 
     with _quiet():
@@ -320,12 +356,18 @@ def _options(opts: ExportOptions) -> dict[str, Any]:
     given = opts.calibration_data
     path = calibration_path(given)
     # absolute, so `exportline verify` finds the held-out text from any working directory
+    npz = opts.calibration_inputs  # custom modules: arrays instead of text
     return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),
-            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS}
+            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS,
+            **({"calibration_inputs": str(Path(npz).resolve()), "calibration_inputs_sha256": file_sha256(Path(npz))} if npz else {})}
 
 
 def _inputs(ctx: StageContext) -> list[str]:
     # tokenizer.json only when present: without one the stage is skipped as not available
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if is_custom(ctx.bundle.root):
+        return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json"]
     tokenizer = ["tokenizer.json"] if (ctx.bundle.root / "tokenizer.json").is_file() else []
     return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json", *tokenizer]
 
