@@ -28,6 +28,7 @@ from exportline.exporters.core.errors import (
     StageError,
 )
 from exportline.exporters.core.measure import measure
+from exportline.exporters.core.presets import verification_record
 
 
 class Source(Protocol):
@@ -155,6 +156,7 @@ def run_pipeline(
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest["name"] = source.name
         manifest["source"] = source.describe()
+        manifest["verification"] = verification_record(manifest["source"])
         manifest["source_fingerprint"] = source.fingerprint()
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for stage in stages:

@@ -55,11 +55,17 @@ class CheckpointSource:
         if self.path.is_file():
             return sha256_file(self.path)
         h = hashlib.sha256()
-        for p in sorted(q for q in self.path.iterdir() if q.is_file()):
-            if p.name.startswith(".") or p.name == "manifest.json":
-                continue
-            h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+        for name, digest in self.folder_sha256.items():
+            h.update(name.encode() + b"\0" + digest.encode())
         return h.hexdigest()
+
+    @cached_property
+    def folder_sha256(self) -> dict[str, str]:
+        """A folder's top-level files → sha256 (sorted; bookkeeping left out), hashed once."""
+        return {
+            p.name: sha256_file(p) for p in sorted(q for q in self.path.iterdir() if q.is_file())
+            if not (p.name.startswith(".") or p.name == "manifest.json")
+        }
 
     def fingerprint(self) -> str:
         blob = {
