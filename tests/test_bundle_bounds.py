@@ -100,3 +100,27 @@ def test_changed_weights_do_not_inherit_the_label(preset_bundle, tmp_path):
     assert described["random_init"] is False and described["labels"] == []
     assert "model.safetensors" in described["bounds_note"] and "not inherited" in described["bounds_note"]
     assert described["thresholds"] == {}
+
+
+def test_a_bundle_exported_from_its_own_root_continues_its_export(tmp_path, preset_bundle):
+    """The issue's own command: `exportline export DIR --out DIR --stages fp16` on a bundle
+    made from a preset keeps the preset as the source (and its bounds), runs only fp16,
+    and leaves the hf and onnx stages recorded as they were."""
+    root = tmp_path / "b"
+    shutil.copytree(preset_bundle, root)
+    before = _manifest(root)
+    result = _export(root, root, ["fp16"])
+    after = _manifest(root)
+    assert [r["name"] for r in result.ran] == ["fp16"] and result.ran[0]["status"] == "done"
+    assert after["source"] == before["source"] and after["source_fingerprint"] == before["source_fingerprint"]
+    assert after["verification"]["thresholds"]["fp32"]["rel_l2"] == 1e-30
+    assert after["stages"]["hf"] == before["stages"]["hf"] and after["stages"]["onnx"] == before["stages"]["onnx"]
+
+
+def test_an_edited_root_is_a_new_source(tmp_path, preset_bundle):
+    root = tmp_path / "b"
+    shutil.copytree(preset_bundle, root)
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with pytest.raises(Exception, match="another source"):
+        _export(root, root, ["fp16"])

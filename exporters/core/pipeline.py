@@ -151,7 +151,9 @@ def run_pipeline(
     bundle.require_own_folder()
     with bundle.lock():
         bundle.clean_tmp()
-        manifest = _replace_other_source(bundle, bundle.read_manifest(), source, stages=[s.name for s in stages], force=force,
+        manifest = bundle.read_manifest()
+        source = _continued_source(bundle, manifest, source)
+        manifest = _replace_other_source(bundle, manifest, source, stages=[s.name for s in stages], force=force,
                                          progress=progress)
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest["name"] = source.name
@@ -259,6 +261,42 @@ def _remove_stale(bundle: Bundle, previous: dict | None, outputs: list[str]) -> 
     for rel in (previous or {}).get("outputs", []):
         if rel not in outputs:
             (bundle.root / rel).unlink(missing_ok=True)
+
+
+@dataclass
+class RecordedSource:
+    """A bundle exported from its own root continues the export it records: its HF folder
+    is the hf stage's output, not a new source (e.g. `exportline export out/1b --out out/1b
+    --stages fp16,int8`), so name, description, bounds and fingerprint stay the recorded ones."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name") or "bundle"
+
+    def describe(self) -> dict[str, Any]:
+        return self.manifest["source"]
+
+    def fingerprint(self) -> str:
+        return self.manifest["source_fingerprint"]
+
+    def write_hf(self, dest: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+        raise StageError(f"the hf stage's output is this bundle's own source, so it cannot be rewritten from itself; "
+                         f"rerun it from the original source ({_source_label(self.describe())}) with --stages hf --force")
+
+
+def _continued_source(bundle: Bundle, manifest: dict[str, Any], source: Source) -> Source:
+    """`source` itself, unless it is the bundle's own root and the files its hf stage
+    recorded are intact: then the recorded source continues (see RecordedSource)."""
+    path = getattr(source, "path", None)
+    hf = manifest.get("stages", {}).get("hf") or {}
+    if (path is None or Path(path).resolve() != bundle.root.resolve() or "source_fingerprint" not in manifest
+            or hf.get("status") != "done"):
+        return source
+    if any(not c.ok for c in bundle.check(hf.get("outputs") or [], fast=True, manifest=manifest)):
+        return source  # edited since: a new source, judged as one
+    return RecordedSource(manifest)
 
 
 def _replace_other_source(bundle: Bundle, manifest: dict, source: Source, *, stages: list[str], force: bool,
