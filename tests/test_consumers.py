@@ -252,6 +252,57 @@ def test_hf_download_then_automodel(bundle, pushed, tmp_path):
     _check("hf download+AutoModel", arch, ref, {"fp32": got})
 
 
+def _greedy_onnx(root: Path, graph: Path, prompt: list[int]) -> list[int]:
+    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.sources.hf_writer import load_config
+    from exportline.verify.generate import generate
+    from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
+
+    config = load_config(root)
+    with OnnxRuntimeRunner(graph) as runner:
+        return generate(runner, [prompt], layout=KVLayout.from_config(config), max_new_tokens=STEPS,
+                        eos_token_id=config.eos_token_id).tokens[0]
+
+
+def test_triton_handoff_parses_and_its_graphs_decode_the_same(bundle, tmp_path):
+    """`handoff --triton`: every config.pbtxt parses with Triton's own schema (tritonclient's
+    model_config_pb2) and the graph copied into the model repository (read by ONNX Runtime, as
+    Triton's onnxruntime backend reads it) decodes the tokens of the bundle's own graph."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from exportline.deploy.triton import write_triton_repo
+
+    arch, root, ref = bundle
+    for precision in GRAPHS:
+        model = write_triton_repo(root, tmp_path / "repo", precision=precision, name=f"{arch}-{precision}")
+        config = text_format.Parse((model.model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.platform == "onnxruntime_onnx" and config.name == f"{arch}-{precision}"
+        assert [t.name for t in config.output][0] == "logits"
+        tokens = _greedy_onnx(root, model.model_dir / "1" / "model.onnx", ref["prompt"])
+        want = ref["graph_tokens"][precision] if precision == "int8" else ref["tokens"]
+        ROWS.append(f"{'triton repo (ORT)':<22} {arch:<6} {precision:<5} tokens identical: {'y' if tokens == want else 'n'}")
+        assert tokens == want, f"{precision}: {tokens} != {want}"
+
+
+def test_torch_hub_loads_each_architecture(bundle):
+    """hubconf.py (written by prepare, as every export does): torch.hub.load(DIR, "model")
+    returns the model, whose greedy tokens are transformers' own."""
+    import torch
+
+    from exportline.deploy.prepare import prepare_bundle
+
+    arch, root, ref = bundle
+    prepare_bundle(root)
+    model = torch.hub.load(str(root), "model", source="local", trust_repo=True)
+    ids = torch.tensor([ref["prompt"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, do_sample=False)
+    tokens = out[0, len(ref["prompt"]):].tolist()
+    ROWS.append(f"{'torch.hub':<22} {arch:<6} fp32  tokens identical: {'y' if tokens == ref['tokens'] else 'n'}")
+    assert tokens == ref["tokens"]
+
+
 # -- item 1 of issue 10 on every architecture (+ a rope_scaling model): 4.x reads what 5.x reads --
 def test_transformers4_reads_every_architecture_like_5(tmp_path):
     roots = {arch: _build(tmp_path / arch, arch, ["hf"]) for arch in MODELS}
