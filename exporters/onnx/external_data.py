@@ -7,7 +7,14 @@ kilobyte into `<model file stem>.onnx_data` beside the model.
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, StageError
 
@@ -98,3 +105,139 @@ def check_graph(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StageError(f"{Path(path).name} is not a valid ONNX graph ({first}); this is a bug, please report it") from None
+
+
+# Bytes read from the source data file per step of a streamed copy: what the copy holds in
+# memory (per writer thread), whatever the size of the tensor or the model.
+CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Convert:
+    """How a streamed initializer's stored bytes become the ones written: `function` maps a
+    chunk of `stored` values (1-D) to the target values elementwise, so converting chunk by
+    chunk equals converting the whole tensor."""
+
+    stored: str  # numpy dtype name of the bytes in the source data file, e.g. "float32"
+    function: Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    path: Path
+    offset: int
+    length: int
+
+
+class HeldBytes:
+    """Bytes of tensor data the streamed copy holds at once, and the most it ever held: the
+    streaming property is asserted on these counts (tests/test_streaming.py), not on timing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.now = self.peak = self.total = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.now += nbytes
+            self.total += max(nbytes, 0)
+            self.peak = max(self.peak, self.now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.now = self.peak = self.total = 0
+
+
+HELD = HeldBytes()
+
+
+def external_slices(model, source: Path) -> dict[str, _Slice]:
+    """Initializer name → where its bytes lie in the external data beside `source`."""
+    from onnx import TensorProto
+
+    slices = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        path = Path(source).parent / info["location"]
+        if Path(info["location"]).name != info["location"]:
+            raise ArtifactError(f"{source}: tensor {t.name} points outside its folder; re-run the onnx stage with --force")
+        slices[t.name] = _Slice(path, int(info.get("offset", 0)), int(info["length"]))
+    return slices
+
+
+def _read_chunks(where: _Slice, convert: Convert | None):
+    """The tensor's target bytes, CHUNK_BYTES of source at a time, counted in HELD."""
+    itemsize = np.dtype(convert.stored).itemsize if convert else 1
+    step = max(CHUNK_BYTES - CHUNK_BYTES % itemsize, itemsize)
+    fd = os.open(where.path, os.O_RDONLY)
+    try:
+        for begin in range(0, where.length, step):
+            size = min(step, where.length - begin)
+            buf = np.empty(size, np.uint8)
+            if os.preadv(fd, [buf], where.offset + begin) != size:
+                raise ArtifactError(f"{where.path} ended early; re-run the onnx stage with --force")
+            out = convert.function(buf.view(convert.stored)) if convert else buf
+            held = buf.nbytes + (out.nbytes if out is not buf else 0)
+            HELD.add(held)
+            try:
+                yield memoryview(np.ascontiguousarray(out)).cast("B")
+            finally:
+                HELD.add(-held)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _streamed_tensor_class():
+    import onnx_ir as ir
+
+    class StreamedTensor(ir.LazyTensor):
+        """An initializer copied (and converted) from a source data file when it is written."""
+
+        __slots__ = ("where", "convert")
+
+        def tofile(self, file) -> None:
+            for chunk in _read_chunks(self.where, self.convert):
+                file.write(chunk)
+
+    return StreamedTensor
+
+
+def _streamed(where: _Slice, convert: Convert | None, dtype, shape, name: str):
+    import onnx_ir as ir
+
+    def materialize():  # small tensors the writer keeps inline ask for their bytes
+        data = b"".join(bytes(c) for c in _read_chunks(where, convert))
+        return ir.Tensor(np.frombuffer(data, dtype=dtype.numpy()).reshape(shape.numpy()), name=name)
+
+    tensor = _streamed_tensor_class()(materialize, dtype=dtype, shape=shape, name=name)
+    tensor.where, tensor.convert = where, convert
+    return tensor
+
+
+def save_streamed(model, source: Path, target: Path, *, convert: dict[str, Convert] | None = None) -> list[str]:
+    """Write the weightless graph `model` (loaded with `load_graph(source, weights=False)`,
+    then edited) as `target` + ONE data file beside it. Each initializer still in `source`'s
+    external data is copied chunk by chunk, through `convert[name]` when given (the proto's
+    data_type already says the target type); tensors added in memory are written as they
+    are. The writer is the onnx stage's (onnx_ir, one tensor at a time): resident memory
+    is a few chunks, whatever the model's size. Returns the file names written."""
+    import onnx_ir as ir
+
+    from exportline.exporters.onnx.weights import save
+
+    convert = convert or {}
+    slices = external_slices(model, source)
+    ir_model = ir.serde.deserialize_model(model)
+    for graph in ir_model.graphs():
+        for value in graph.initializers.values():
+            if value.name in slices:
+                tensor = value.const_value
+                value.const_value = _streamed(slices[value.name], convert.get(value.name), tensor.dtype, tensor.shape, value.name)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = target.parent / data_file_name(target)
+    save(ir_model, target, data.name)
+    return [target.name] + ([data.name] if data.is_file() else [])

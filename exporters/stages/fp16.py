@@ -19,15 +19,30 @@ node_block_list + keep_io_types), which ships with the onnxruntime we already de
 output has Cast(fp16)→Cast(fp32) round trips between adjacent float32 nodes and appends
 nodes out of order, so the graph is cleaned (round trips folded, dead nodes dropped) and
 topologically sorted before it is written; the ONNX checker with strict types then runs on it.
+
+Memory: the converter runs on the graph alone (the weights stay on disk: it only retypes a
+tensor whose data is not loaded), and the weights are then streamed from model.onnx_data
+into model_fp16.onnx_data chunk by chunk (onnx/external_data.save_streamed, the onnx stage's
+writer), converted on the way with the converter's own function — so the stage holds the
+graph and a few chunks, not the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from exportline.exporters.core.errors import StageError
 from exportline.exporters.core.pipeline import Stage, StageContext
-from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from exportline.exporters.onnx.external_data import (
+    Convert,
+    check_graph,
+    external_data_files,
+    external_slices,
+    load_graph,
+    save_streamed,
+    weightless_copy,
+)
 from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
 
 SOURCE = "onnx/model.onnx"
@@ -183,6 +198,23 @@ def float32_violations(model, nodes: set[str], op_types: tuple[str, ...] = FLOAT
     return bad
 
 
+@contextlib.contextmanager
+def _shapes_from_dims():
+    """The converter declares each retyped initializer's value_info with the shape of
+    `numpy_helper.to_array(tensor)`: it reads the whole tensor (from the working directory,
+    for external data) to learn what `tensor.dims` says. Its shape comes from dims here, so
+    the graph converts with its weights on disk; the value_info written is the same."""
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
 def convert(model) -> tuple[Any, dict[str, Any]]:
     """float32 ModelProto (with value_info) → mixed-precision ModelProto and the facts of it.
     The converter edits `model` in place: do not use it afterwards."""
@@ -196,11 +228,12 @@ def convert(model) -> tuple[Any, dict[str, Any]]:
     casts_before = sum(n.op_type == "Cast" for n in model.graph.node)
     keep_io = [o.name for o in model.graph.output if o.name in KEEP_FLOAT32_IO]
     _drop_initializer_value_info(model.graph)
-    converted = convert_float_to_float16(
-        model, keep_io_types=keep_io, disable_shape_infer=True,
-        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FLOAT32_OPS)),
-        node_block_list=sorted(norms | angles),
-    )
+    with _shapes_from_dims():
+        converted = convert_float_to_float16(
+            model, keep_io_types=keep_io, disable_shape_infer=True,
+            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FLOAT32_OPS)),
+            node_block_list=sorted(norms | angles),
+        )
     dedupe_nodes(converted.graph)
     folded = fold_cast_round_trips(converted.graph)
     topological_sort(converted.graph)
@@ -223,15 +256,33 @@ def convert(model) -> tuple[Any, dict[str, Any]]:
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
-    ctx.progress("fp16: loading onnx/model.onnx")
-    model = load_graph(ctx.bundle_file(SOURCE))
+    source = ctx.bundle_file(SOURCE)
+    ctx.progress("fp16: loading the graph of onnx/model.onnx (weights stay on disk)")
+    model = load_graph(source, weights=False)
+    external = {t.name: t.data_type for t in model.graph.initializer if t.name in external_slices(model, source)}
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
     converted, facts = convert(model)
     del model
     target = ctx.tmp / TARGET
-    files = save_graph(converted, target)
+    ctx.progress("fp16: streaming the weights into model_fp16.onnx_data, tensor by tensor")
+    files = save_streamed(converted, source, target, convert=float16_conversions(converted, external))
     check_graph(target)
-    return {**facts, "files": [f"onnx/{f}" for f in files], "converter": "onnxruntime.transformers.float16"}
+    return {**facts, "files": [f"onnx/{f}" for f in files], "converter": "onnxruntime.transformers.float16",
+            "weights": "streamed from model.onnx_data, converted chunk by chunk"}
+
+
+def float16_conversions(converted, stored: dict[str, int]) -> dict[str, Convert]:
+    """The external initializers the converter retyped float32 → float16 (it only changes
+    data_type of a tensor whose data is not loaded), converted when written with the
+    converter's own rounding (convert_np_to_float16: clamps to the float16 range, keeps
+    signs and tiny values non-zero), so the values equal an in-memory conversion's."""
+    from onnx import TensorProto
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    return {
+        t.name: Convert("float32", convert_np_to_float16) for t in converted.graph.initializer
+        if stored.get(t.name) == TensorProto.FLOAT and t.data_type == TensorProto.FLOAT16
+    }
 
 
 def _inputs(ctx: StageContext) -> list[str]:
