@@ -205,7 +205,7 @@ def _streamed_tensor_class():
     return StreamedTensor
 
 
-def _streamed(where: _Slice, convert: Convert | None, dtype, shape, name: str):
+def _streamed(where: _Slice, convert: Convert | None, *, dtype, shape, name: str):
     import onnx_ir as ir
 
     def materialize():  # small tensors the writer keeps inline ask for their bytes
@@ -235,7 +235,8 @@ def save_streamed(model, source: Path, target: Path, *, convert: dict[str, Conve
         for value in graph.initializers.values():
             if value.name in slices:
                 tensor = value.const_value
-                value.const_value = _streamed(slices[value.name], convert.get(value.name), tensor.dtype, tensor.shape, value.name)
+                value.const_value = _streamed(slices[value.name], convert.get(value.name), dtype=tensor.dtype,
+                                              shape=tensor.shape, name=value.name)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = target.parent / data_file_name(target)
