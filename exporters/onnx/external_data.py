@@ -114,12 +114,15 @@ CHUNK_BYTES = 16 << 20
 
 @dataclass(frozen=True)
 class Convert:
-    """How a streamed initializer's stored bytes become the ones written: `function` maps a
-    chunk of `stored` values (1-D) to the target values elementwise, so converting chunk by
-    chunk equals converting the whole tensor."""
+    """How a streamed initializer's stored bytes become the ones written. Without `shape`,
+    `function` maps a chunk of `stored` values (1-D) to the target values elementwise, so
+    converting chunk by chunk equals converting the whole tensor; with it, `function` gets
+    the whole stored tensor in that shape (per-channel work: smoothing, int8 scales) — one
+    tensor held, still not the model."""
 
     stored: str  # numpy dtype name of the bytes in the source data file, e.g. "float32"
     function: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,26 +154,44 @@ class HeldBytes:
 HELD = HeldBytes()
 
 
-def external_slices(model, source: Path) -> dict[str, _Slice]:
-    """Initializer name → where its bytes lie in the external data beside `source`."""
+def slice_of(tensor, source: Path) -> _Slice | None:
+    """Where an initializer's bytes lie in the external data beside `source` (None: inline)."""
     from onnx import TensorProto
 
-    slices = {}
-    for t in model.graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        path = Path(source).parent / info["location"]
-        if Path(info["location"]).name != info["location"]:
-            raise ArtifactError(f"{source}: tensor {t.name} points outside its folder; re-run the onnx stage with --force")
-        slices[t.name] = _Slice(path, int(info.get("offset", 0)), int(info["length"]))
-    return slices
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    if Path(info["location"]).name != info["location"]:
+        raise ArtifactError(f"{source}: tensor {tensor.name} points outside its folder; re-run the onnx stage with --force")
+    return _Slice(Path(source).parent / info["location"], int(info.get("offset", 0)), int(info["length"]))
+
+
+def external_slices(model, source: Path) -> dict[str, _Slice]:
+    """Initializer name → where its bytes lie in the external data beside `source`."""
+    return {t.name: where for t in model.graph.initializer if (where := slice_of(t, source)) is not None}
+
+
+def read_external(where: _Slice, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One external tensor as stored, read whole (for the few values a graph edit needs)."""
+    return np.frombuffer(b"".join(bytes(c) for c in _read_chunks(where, None)), dtype=dtype).reshape(shape)
+
+
+def external_stub(source, name: str, *, data_type: int, dims) -> object:
+    """A new initializer `name` whose bytes are `source`'s in the external data, to be
+    written through a `Convert` (e.g. W_quantized from W): declared, never loaded."""
+    from onnx import TensorProto
+
+    stub = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    stub.external_data.extend(source.external_data)
+    return stub
 
 
 def _read_chunks(where: _Slice, convert: Convert | None):
     """The tensor's target bytes, CHUNK_BYTES of source at a time, counted in HELD."""
     itemsize = np.dtype(convert.stored).itemsize if convert else 1
     step = max(CHUNK_BYTES - CHUNK_BYTES % itemsize, itemsize)
+    if convert is not None and convert.shape is not None:
+        step = max(where.length, 1)
     fd = os.open(where.path, os.O_RDONLY)
     try:
         for begin in range(0, where.length, step):
@@ -178,7 +199,10 @@ def _read_chunks(where: _Slice, convert: Convert | None):
             buf = np.empty(size, np.uint8)
             if os.preadv(fd, [buf], where.offset + begin) != size:
                 raise ArtifactError(f"{where.path} ended early; re-run the onnx stage with --force")
-            out = convert.function(buf.view(convert.stored)) if convert else buf
+            stored = buf.view(convert.stored) if convert else buf
+            if convert is not None and convert.shape is not None:
+                stored = stored.reshape(convert.shape)
+            out = convert.function(stored) if convert else buf
             held = buf.nbytes + (out.nbytes if out is not buf else 0)
             HELD.add(held)
             try:
