@@ -52,7 +52,7 @@ def weight_params(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
     return np.asarray(zeros), np.asarray(scales)
 
 
-def _quantizer(name: str, zeros: np.ndarray, scales: np.ndarray, axis: int):
+def _quantizer(name: str, *, zeros: np.ndarray, scales: np.ndarray, axis: int):
     def quantize(weight: np.ndarray) -> np.ndarray:
         from onnx import TensorProto, numpy_helper
         from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
@@ -63,7 +63,7 @@ def _quantizer(name: str, zeros: np.ndarray, scales: np.ndarray, axis: int):
     return quantize
 
 
-def insert_qdq(model, source: Path, ranges: dict[str, float], nodes: list[str]) -> dict:
+def insert_qdq(model, source: Path, *, ranges: dict[str, float], nodes: list[str]) -> dict:
     """Edit the weightless graph `model` (loaded from `source` without weights) in place:
     activation Q/DQ on the A input of each of `nodes` (one pair per tensor, as quantize_static
     writes it), int8 weight → DequantizeLinear on B. Returns the `Convert`s that produce the
@@ -99,10 +99,10 @@ def insert_qdq(model, source: Path, ranges: dict[str, float], nodes: list[str]) 
             quantized = f"{name}_quantized"
             if where is None:
                 model.graph.initializer.append(numpy_helper.from_array(
-                    _quantizer(name, zeros, scales, axis)(numpy_helper.to_array(w)), quantized))
+                    _quantizer(name, zeros=zeros, scales=scales, axis=axis)(numpy_helper.to_array(w)), quantized))
             else:
                 model.graph.initializer.append(external_stub(w, quantized, data_type=TensorProto.INT8, dims=w.dims))
-                converts[quantized] = Convert("float32", _quantizer(name, zeros, scales, axis), shape=tuple(w.dims))
+                converts[quantized] = Convert("float32", _quantizer(name, zeros=zeros, scales=scales, axis=axis), shape=tuple(w.dims))
             new_nodes.append(helper.make_node("DequantizeLinear", [quantized, f"{name}_scale", f"{name}_zero_point"],
                                               [f"{name}_DequantizeLinear_Output"], name=f"{name}_DequantizeLinear", axis=axis))
             if all(r.name in names for r in index.consumers.get(name, [])):  # else others read the float W

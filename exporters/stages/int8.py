@@ -143,7 +143,7 @@ def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: 
     from exportline.exporters.precision.qdq_insert import insert_qdq
 
     graph = load_graph(model_path, infer=False, weights=False)
-    converts = insert_qdq(graph, model_path, ranges, nodes)
+    converts = insert_qdq(graph, model_path, ranges=ranges, nodes=nodes)
     topological_sort(graph.graph)
     save_streamed(graph, model_path, out_path, convert=converts)
 
