@@ -30,6 +30,9 @@ class Preset:
     checkpoint: str | None = None
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     thresholds: dict[str, Any] = field(default_factory=dict)
+    # How the hf stage stores the weights: "float32", or "bfloat16" (what large checkpoints
+    # ship as: half the disk, and the direct hf → fp16 path reads it as is)
+    dtype: str = "float32"
 
     @property
     def random_init(self) -> bool:
