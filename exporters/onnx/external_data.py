@@ -241,23 +241,27 @@ def _streamed(where: _Slice, convert: Convert | None, *, dtype, shape, name: str
     return tensor
 
 
-def save_streamed(model, source: Path, target: Path, *, convert: dict[str, Convert] | None = None) -> list[str]:
+def save_streamed(model, source: Path | None, target: Path, *, convert: dict[str, Convert] | None = None,
+                  tensors: dict | None = None) -> list[str]:
     """Write the weightless graph `model` (loaded with `load_graph(source, weights=False)`,
     then edited) as `target` + ONE data file beside it. Each initializer still in `source`'s
     external data is copied chunk by chunk, through `convert[name]` when given (the proto's
     data_type already says the target type); tensors added in memory are written as they
-    are. The writer is the onnx stage's (onnx_ir, one tensor at a time): resident memory
-    is a few chunks, whatever the model's size. Returns the file names written."""
+    are; `tensors` gives onnx_ir tensors for initializers whose data is elsewhere (the direct
+    fp16 path's checkpoint tensors). The writer is the onnx stage's (onnx_ir, one tensor at a
+    time): resident memory is a few chunks, whatever the model's size. Returns the file names."""
     import onnx_ir as ir
 
     from exportline.exporters.onnx.weights import save
 
-    convert = convert or {}
-    slices = external_slices(model, source)
+    convert, tensors = convert or {}, tensors or {}
+    slices = external_slices(model, source) if source is not None else {}
     ir_model = ir.serde.deserialize_model(model)
     for graph in ir_model.graphs():
         for value in graph.initializers.values():
-            if value.name in slices:
+            if value.name in tensors:  # an onnx_ir tensor that writes itself (direct fp16 path)
+                value.const_value = tensors[value.name]
+            elif value.name in slices:
                 tensor = value.const_value
                 value.const_value = _streamed(slices[value.name], convert.get(value.name), dtype=tensor.dtype,
                                               shape=tensor.shape, name=value.name)

@@ -255,7 +255,16 @@ def convert(model) -> tuple[Any, dict[str, Any]]:
     }
 
 
+def _direct(ctx: StageContext) -> bool:
+    """No fp32 graph in the bundle (`--stages hf,fp16`): build float16 from the HF weights."""
+    return not ctx.bundle_file(SOURCE).is_file()
+
+
 def _run(ctx: StageContext) -> dict[str, Any]:
+    return _run_direct(ctx) if _direct(ctx) else _run_from_onnx(ctx)
+
+
+def _run_from_onnx(ctx: StageContext) -> dict[str, Any]:
     source = ctx.bundle_file(SOURCE)
     ctx.progress("fp16: loading the graph of onnx/model.onnx (weights stay on disk)")
     model = load_graph(source, weights=False)
@@ -265,28 +274,94 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     del model
     target = ctx.tmp / TARGET
     ctx.progress("fp16: streaming the weights into model_fp16.onnx_data, tensor by tensor")
-    files = save_streamed(converted, source, target, convert=float16_conversions(converted, external))
+    overflow: dict[str, int] = {}
+    files = save_streamed(converted, source, target, convert=float16_conversions(converted, external, overflow))
     check_graph(target)
-    return {**facts, "files": [f"onnx/{f}" for f in files], "converter": "onnxruntime.transformers.float16",
+    return {**facts, **_overflow_facts(ctx, overflow), "files": [f"onnx/{f}" for f in files],
+            "converter": "onnxruntime.transformers.float16",
             "weights": "streamed from model.onnx_data, converted chunk by chunk"}
 
 
-def float16_conversions(converted, stored: dict[str, int]) -> dict[str, Convert]:
+def _run_direct(ctx: StageContext) -> dict[str, Any]:
+    """HF weights (bf16/fp16/fp32 safetensors) → float16 graph, with no fp32 ONNX written:
+    the traced graph is converted without its weights, which are then read from the
+    checkpoint, converted and written one at a time."""
+    import onnx
+
+    from exportline.exporters.onnx.direct import checkpoint_tensors, weightless_proto
+    from exportline.exporters.onnx.export import OPSET, trace_graph
+
+    ir_model, config, weights, tracing = trace_graph(ctx.bundle.root, opset=ctx.options.opset or OPSET,
+                                                     progress=ctx.progress)
+    proto, lazies = weightless_proto(ir_model)
+    del ir_model
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    stored = {t.name: t.data_type for t in proto.graph.initializer if t.name in lazies}
+    ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
+    converted, facts = convert(proto)
+    del proto
+    overflow: dict[str, int] = {}
+    retyped = float16_conversions(converted, stored, overflow)
+    target = ctx.tmp / TARGET
+    ctx.progress(f"fp16: streaming {weights.nbytes / 2**30:.2f} GiB of checkpoint weights into model_fp16.onnx_data")
+    files = save_streamed(converted, None, target, tensors=checkpoint_tensors(lazies, retyped))
+    check_graph(target)
+    dtypes = sorted({t.dtype for t in weights.tensors.values()})
+    return {**facts, **_overflow_facts(ctx, overflow), "files": [f"onnx/{f}" for f in files],
+            "converter": "onnxruntime.transformers.float16",
+            "weights": f"direct from the HF safetensors ({', '.join(dtypes)}), no fp32 ONNX written",
+            "tracing": tracing, "architecture": config.model_type}
+
+
+def float16_conversions(converted, stored: dict[str, int], overflow: dict[str, int]) -> dict[str, Convert]:
     """The external initializers the converter retyped float32 → float16 (it only changes
     data_type of a tensor whose data is not loaded), converted when written with the
     converter's own rounding (convert_np_to_float16: clamps to the float16 range, keeps
-    signs and tiny values non-zero), so the values equal an in-memory conversion's."""
+    signs and tiny values non-zero), so the values equal an in-memory conversion's.
+    Finite values beyond float16's range (±65504; bf16 reaches 3.4e38) are counted per
+    tensor into `overflow` as they are clamped."""
     from onnx import TensorProto
-    from onnxruntime.transformers.float16 import convert_np_to_float16
 
     return {
-        t.name: Convert("float32", convert_np_to_float16) for t in converted.graph.initializer
+        t.name: Convert("float32", _to_float16(t.name, overflow)) for t in converted.graph.initializer
         if stored.get(t.name) == TensorProto.FLOAT and t.data_type == TensorProto.FLOAT16
     }
 
 
+FLOAT16_MAX = 65504.0
+
+
+def _to_float16(name: str, overflow: dict[str, int]):
+    import numpy as np
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    def convert_chunk(chunk):
+        beyond = int(np.count_nonzero(np.abs(chunk) > FLOAT16_MAX) - np.count_nonzero(np.isinf(chunk)))
+        if beyond:
+            overflow[name] = overflow.get(name, 0) + beyond
+        return convert_np_to_float16(chunk)
+
+    return convert_chunk
+
+
+def _overflow_facts(ctx: StageContext, overflow: dict[str, int]) -> dict[str, Any]:
+    """bf16/fp32 → fp16 overflow, reported in one line and in the record (verify then says
+    whether the clamped model still meets the fp16 bounds)."""
+    if overflow:
+        first = max(overflow, key=overflow.get)
+        ctx.progress(f"fp16: warning: {sum(overflow.values())} weight values in {len(overflow)} tensors exceed "
+                     f"float16's range and were clamped to ±{FLOAT16_MAX:g} (most in {first}); "
+                     "check `exportline verify` before shipping model_fp16.onnx")
+    return {"float16_overflow": {"clamped_values": sum(overflow.values()), "tensors": dict(sorted(overflow.items()))}}
+
+
 def _inputs(ctx: StageContext) -> list[str]:
+    if _direct(ctx):
+        from exportline.exporters.sources.weights_reader import weight_files
+
+        return ["config.json", *weight_files(ctx.bundle.root)]
     return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE)]
 
 
-STAGE = Stage(name="fp16", run=_run, inputs=_inputs, versions=("onnx", "onnxruntime"))
+STAGE = Stage(name="fp16", run=_run, inputs=_inputs,
+              versions=("onnx", "onnxruntime", "torch", "transformers", "onnxscript", "onnx-ir"))
