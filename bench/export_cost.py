@@ -47,7 +47,7 @@ def _source(preset: str, overrides: list[str]):
     return resolve_source(preset, parse_overrides(overrides))
 
 
-def _run_child(preset: str, stage: str, out: Path, overrides: list[str], *, force: bool):
+def _run_child(preset: str, stage: str, out: Path, *, overrides: list[str], force: bool):
     """Run one stage in a fresh interpreter; returns its record, wall time and rusage.
 
     The parent stays a small process: a child's ru_maxrss starts from the RSS of the
@@ -74,12 +74,12 @@ def _run_child(preset: str, stage: str, out: Path, overrides: list[str], *, forc
 
 def ensure_hf(preset: str, out: Path, overrides: list[str]) -> None:
     """The HF folder the stages read (cached by the pipeline when already there)."""
-    _run_child(preset, "hf", out, overrides, force=False)
+    _run_child(preset, "hf", out, overrides=overrides, force=False)
 
 
-def measure_stage(preset: str, stage: str, out: Path, overrides: list[str]) -> StageCost:
+def measure_stage(preset: str, stage: str, out: Path, *, overrides: list[str]) -> StageCost:
     """Run `stage` (forced) in a child interpreter and measure that process."""
-    record, wall, usage = _run_child(preset, stage, out, overrides, force=True)
+    record, wall, usage = _run_child(preset, stage, out, overrides=overrides, force=True)
     info = record.get("info", {})
     files = {rel: (out / rel).stat().st_size for rel in record.get("outputs", [])}
     folders = {str(Path(rel).parent) for rel in files}
@@ -95,7 +95,7 @@ def _safetensors_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
-def _child(preset: str, stage: str, out: Path, overrides: list[str], force: bool) -> None:
+def _child(preset: str, stage: str, out: Path, *, overrides: list[str], force: bool) -> None:
     from exportline.exporters.core.bundle import Bundle
     from exportline.exporters.core.pipeline import run_pipeline
     from exportline.exporters.stages import STAGES
@@ -129,7 +129,7 @@ def main(
     preset: Annotated[str, typer.Argument(help="Preset to export, e.g. 1b.")],
     stages: Annotated[str, typer.Option(help="Comma-separated stages to measure (after hf).")] = "onnx",
     out: Annotated[Optional[Path], typer.Option(help="Bundle folder (default: out/<preset>).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value.")] = None,
+    *, set_: Annotated[Optional[list[str]], typer.Option("--set", help="Preset override key=value.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
     child: Annotated[bool, typer.Option(hidden=True)] = False,
     force: Annotated[bool, typer.Option("--force/--no-force", hidden=True)] = True,
@@ -142,9 +142,9 @@ def main(
     try:
         names = [s.name for s in parse_stages(stages)]
         if child:
-            return _child(preset, names[0], out, set_ or [], force)
+            return _child(preset, names[0], out, overrides=set_ or [], force=force)
         ensure_hf(preset, out, set_ or [])
-        costs = [measure_stage(preset, name, out, set_ or []) for name in names if name != "hf"]
+        costs = [measure_stage(preset, name, out, overrides=set_ or []) for name in names if name != "hf"]
     except ExportlineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None

@@ -82,9 +82,9 @@ def _require_bundle(root: Path) -> Bundle:
 
 def _load_model(root: Path):
     bundle = _require_bundle(root)
-    from transformers import AutoConfig
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(root)  # a config file only: no code runs
+    config = load_config(root)  # a config file only: no code runs
     return bundle.read_manifest(), config
 
 
@@ -128,7 +128,7 @@ def run_bench(
         for r in range(cfg.rounds):
             order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
             say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
-            done = {name: _run_backend(root, name, points, layout, cfg, device, factory, say) for name in order}
+            done = {name: _run_backend(root, name, points, layout=layout, cfg=cfg, device=device, factory=factory, progress=say) for name in order}
             passes.append(done)
     runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
     results = [row for run in runs for row in run.rows]
@@ -162,7 +162,7 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _run_backend(root, name, points, layout, cfg, device, factory, progress) -> BackendRun:
+def _run_backend(root, name, points, *, layout, cfg, device, factory, progress) -> BackendRun:
     progress(f"{name}: opening")
     opened = open_backend(root, name, device=cfg.device, threads=cfg.threads, factory=factory)
     run = BackendRun(name, "ok" if opened.runner else "not available", opened.reason, opened.session,

@@ -114,11 +114,11 @@ def prepare(point: Point, layout: KVLayout, runner: Runner, *, seed: int = 0) ->
         feed = decode_feed(layout, greedy_next(out["logits"]), presents_as_past(layout, out))
         return PreparedPoint(point, lambda: infer(feed))
     if point.workload == "generate":
-        return _prepare_generate(point, layout, runner, ids)
+        return _prepare_generate(point, layout, runner, ids=ids)
     raise ValueError(f"unknown workload {point.workload!r}")
 
 
-def _prepare_generate(point: Point, layout: KVLayout, runner: Runner, ids: np.ndarray) -> PreparedPoint:
+def _prepare_generate(point: Point, layout: KVLayout, runner: Runner, *, ids: np.ndarray) -> PreparedPoint:
     """verify/generate.py's loop, the one `exportline generate` runs; no EOS, so every
     backend produces exactly `new_tokens` tokens per sequence."""
     from exportline.verify.generate import generate

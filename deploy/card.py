@@ -18,14 +18,14 @@ from typing import Any
 from exportline.deploy.reports import BENCH_JSON, VERIFY_JSON, BenchSummary, VerifySummary, read_bench, read_verify
 from exportline.exporters.core.bundle import MANIFEST, Bundle
 from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.layout import CARD, GRAPHS
 
-README = "README.md"
+README = CARD
 SECTIONS = ("Model details", "Intended use and limitations", "How to use", "Evaluation", "Performance", "Files")
 PLACEHOLDER = re.compile(r"\bTBD\b|\bTODO\b|More Information Needed", re.IGNORECASE)
 RANDOM_INIT_MARK = "**Random-init weights.**"
 _TASK = "text-generation"
-ONNX_VARIANTS = {"onnx/model.onnx": "ONNX fp32 with KV cache", "onnx/model_fp16.onnx": "ONNX fp16",
-                 "onnx/model_int8.onnx": "ONNX int8 (Q/DQ)"}
+ONNX_VARIANTS = {g.path: g.description for g in GRAPHS.values()}
 _VERIFY_DATASET = ("exportline-verify", "exportline verification inputs (seeded, float64 reference)")
 _BENCH_DATASET = ("exportline-bench", "exportline benchmark workloads (synthetic token ids)")
 
@@ -81,7 +81,7 @@ def tags(inp: CardInputs) -> list[str]:
     found = ["exportline", _TASK] + ([inp.config["model_type"]] if inp.config.get("model_type") else [])
     if any(inp.has(rel) for rel in ONNX_VARIANTS):
         found.append("onnx")
-    found += [tag for rel, tag in (("onnx/model_fp16.onnx", "fp16"), ("onnx/model_int8.onnx", "int8")) if inp.has(rel)]
+    found += [tag for rel, tag in ((GRAPHS[p].path, p) for p in ("fp16", "int8")) if inp.has(rel)]
     if inp.engines():
         found.append("tensorrt")
     if inp.random_init:
@@ -241,6 +241,8 @@ def _intended_use(inp: CardInputs) -> list[str]:
 
 
 def _how_to_use(inp: CardInputs) -> list[str]:
+    """Every block here runs as written (tests/test_deploy_card_commands.py runs them against a
+    Hub-compatible server): for a repo the files are fetched with snapshot_download first."""
     where = inp.where
     lines = ["Transformers (the bundle root is a Hugging Face folder):", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -248,10 +250,10 @@ def _how_to_use(inp: CardInputs) -> list[str]:
              f'model = AutoModelForCausalLM.from_pretrained("{where}")',
              'ids = tokenizer("Hello", return_tensors="pt").input_ids',
              "print(tokenizer.decode(model.generate(ids, max_new_tokens=16)[0]))", "```", ""]
-    if inp.has("onnx/model.onnx"):
+    if inp.has(GRAPHS["fp32"].path):
         lines += ["ONNX Runtime (`onnx/model.onnx`; inputs follow the optimum/transformers.js KV-cache names):", "",
-                  "```python", "import numpy as np, onnxruntime as ort",
-                  'session = ort.InferenceSession("onnx/model.onnx")',
+                  "```python", "import numpy as np, onnxruntime as ort", *_local_copy(inp, ["onnx/model.onnx*"]),
+                  'session = ort.InferenceSession(f"{path}/onnx/model.onnx")',
                   "ids = np.array([[1, 2, 3]], dtype=np.int64)",
                   'feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(3)[None]}',
                   "for i in session.get_inputs():  # empty KV cache for the first step (past_sequence = 0)",
@@ -261,15 +263,29 @@ def _how_to_use(inp: CardInputs) -> list[str]:
     if inp.engines():
         lines += ["TensorRT (" + ", ".join(f"`{e}`" for e in inp.engines()) + "; each runs only on the TensorRT "
                   "version and GPU named in its file name and `.json`):", "", "```python", "import tensorrt as trt",
+                  *_local_copy(inp, [inp.engines()[0]]),
                   "runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))",
-                  f'engine = runtime.deserialize_cuda_engine(open("{inp.engines()[0]}", "rb").read())', "```", ""]
+                  f'engine = runtime.deserialize_cuda_engine(open(f"{{path}}/{inp.engines()[0]}", "rb").read())', "```", ""]
     else:
         lines += ["TensorRT: no engines in this bundle; build them on a GPU machine with TensorRT: "
                   "`exportline export DIR --stages trt`.", ""]
-    lines += ["exportline:", "", "```bash", f'exportline generate {where} --prompt "Hello"',
+    pull = ([f"exportline pull {where} --out {inp.name}   # optional: a local copy, every sha256 checked"]
+            if inp.repo_id else [])
+    lines += ["exportline (a repo id is pulled into the cache first, every checksum checked against manifest.json):", "",
+              "```bash", *pull, f'exportline generate {where} --prompt "Hello"',
               f"exportline handoff {where} --triton model_repository   # Triton Inference Server model repository",
-              "```", "", "torch.hub: `torch.hub.load(DIR, \"model\", source=\"local\")` (the bundle carries `hubconf.py`)."]
+              "```", "", "torch.hub (the bundle carries `hubconf.py`):", "", "```python", "import torch",
+              *_local_copy(inp, None), 'model = torch.hub.load(path, "model", source="local")', "```"]
     return lines
+
+
+def _local_copy(inp: CardInputs, patterns: list[str] | None) -> list[str]:
+    """Lines that leave the bundle folder in `path`: the folder itself, or a repo's files
+    (only `patterns`, None = all) fetched with huggingface_hub."""
+    if not inp.repo_id:
+        return [f'path = "{inp.where}"']
+    allow = f", allow_patterns={patterns!r}" if patterns else ""
+    return ["from huggingface_hub import snapshot_download", f'path = snapshot_download("{inp.repo_id}"{allow})']
 
 
 def _num(v: float | None) -> str:

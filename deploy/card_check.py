@@ -19,20 +19,21 @@ _DERIVED = {
 }
 
 
-def check_card(root: Path) -> list[str]:
-    """Problems with `root`/README.md, one line each; an empty list means the card is sound."""
+def check_card(root: Path, *, text: str | None = None, manifest: dict | None = None) -> list[str]:
+    """Problems with `root`/README.md, one line each; an empty list means the card is sound.
+    `text` and `manifest` check a card not written yet (push --dry-run) against that manifest."""
     from huggingface_hub import ModelCard
 
     root = Path(root)
     path = root / c.README
-    if not path.is_file():
+    if text is None and not path.is_file():
         return [f"{path} is missing; write it with: exportline card write {root}"]
-    text = path.read_text()
+    text = path.read_text() if text is None else text
     try:
         card = ModelCard(text)
     except Exception as exc:  # yaml and huggingface_hub raise several types for a broken header
         return [f"README.md metadata cannot be parsed ({str(exc).splitlines()[0]}); regenerate it: exportline card write {root}"]
-    inp = c.load_inputs(root)
+    inp = c.load_inputs(root, manifest=manifest)
     problems = _placeholders(text)
     sections = _sections(card.text)
     for title in c.SECTIONS:
@@ -45,7 +46,7 @@ def check_card(root: Path) -> list[str]:
     rendered = c.sections(inp)
     for title, source in _DERIVED.items():
         if title in sections:
-            problems += _derived_problems(title, sections[title], rendered[title], source)
+            problems += _derived_problems(title, sections[title], rendered[title], source=source)
     problems += _metadata_problems(card, inp)
     return problems
 
@@ -70,7 +71,7 @@ def _derived_lines(lines) -> list[str]:
     return [line.rstrip() for line in lines if line.lstrip().startswith(("|", "- "))]
 
 
-def _derived_problems(title: str, section: str, expected_lines: list[str], source: str) -> list[str]:
+def _derived_problems(title: str, section: str, expected_lines: list[str], *, source: str) -> list[str]:
     expected, actual = _derived_lines(expected_lines), _derived_lines(section.splitlines())
     by_key = {_key(line): line for line in expected}
     problems = []

@@ -10,6 +10,7 @@ The token is passed to the client and nowhere else: not logged, not written.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -18,15 +19,15 @@ from typing import Callable, Iterator
 
 from exportline.deploy.card import README
 from exportline.deploy.card_check import check_card
-from exportline.deploy.prepare import prepare_locked
-from exportline.deploy.scan import refuse_secrets
+from exportline.deploy.prepare import plan_prepared, prepare_locked
+from exportline.deploy.scan import find_secret_bytes, refuse_secrets
 from exportline.exporters.core.bundle import MANIFEST, Bundle, sha256_file
 from exportline.exporters.core.errors import ArtifactError, ConfigError, HubError
 
 GROUPS = ("hf", "onnx", "trt", "reports")
 ALWAYS = (README, MANIFEST)  # the card and the checksums travel with every push
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; not a bundle file
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 RESUME = "the commit did not happen; run the same command again to finish (files already uploaded are not sent twice)"
 
@@ -72,7 +73,7 @@ def parse_include(text: str | None) -> tuple[str, ...]:
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id or ""):
+    if not REPO_ID.match(repo_id or ""):
         raise ConfigError(f"repo id {repo_id!r} is not ORG/NAME (letters, digits, '-', '_', '.'); e.g. --repo-id my-org/tiny-llama")
     return repo_id
 
@@ -157,6 +158,8 @@ def push_bundle(
         raise ConfigError(f"--tag {tag!r} is not a valid tag name; use e.g. v1.0.0")
     bundle = Bundle(root)
     token = resolve_token(token)
+    if dry_run:
+        return _dry_run(bundle, repo_id=repo_id, tag=tag, include=include, token=token)
     with bundle.lock():
         progress("preparing README.md, hubconf.py and manifest.json")
         manifest = prepare_locked(bundle, repo_id=repo_id)
@@ -169,9 +172,7 @@ def push_bundle(
         files = [UploadFile(f["path"], f["bytes"], f["sha256"]) for f in manifest["files"]
                  if f["path"] in ALWAYS or group_of(f["path"]) in include]
         files.append(UploadFile(MANIFEST, bundle.manifest_path.stat().st_size, sha256_file(bundle.manifest_path)))
-        result = PushResult(repo_id, "model", files, dry_run=dry_run, tag=tag)
-        if dry_run:
-            return result
+        result = PushResult(repo_id, "model", files, tag=tag)
         if not token:
             raise HubError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
         keep = set(listed) | {MANIFEST}
@@ -182,6 +183,35 @@ def push_bundle(
         _sync(hub_api(token), result, bundle.root, private=private, delete=gone,
               message=f"exportline push: {manifest.get('name', bundle.root.name)}", progress=progress)
     return result
+
+
+def _dry_run(bundle: Bundle, *, repo_id: str, tag: str | None, include: tuple[str, ...], token: str | None) -> PushResult:
+    """What a push would send, with the same checks, computed without writing into the bundle
+    (no README.md, hubconf.py or manifest.json rewrite, no lock file)."""
+    plan = plan_prepared(bundle, repo_id=repo_id)
+    readme = plan.texts[README]
+    problems = check_card(bundle.root, text=readme, manifest=plan.manifest)
+    if problems:
+        raise ArtifactError(f"the generated model card would fail its check: {problems[0]}; fix the report it "
+                            f"comes from, then push again (exportline card check {bundle.root} lists all)")
+    generated = {rel: text.encode() for rel, text in plan.texts.items()}
+    on_disk = [f["path"] for f in plan.manifest["files"] if f["path"] not in generated]
+    refuse_secrets(bundle.root, on_disk, token)
+    for rel, data in generated.items():
+        _refuse_secret_text(rel, data, token)
+    files = [UploadFile(f["path"], f["bytes"], f["sha256"]) for f in plan.manifest["files"]
+             if f["path"] in ALWAYS or group_of(f["path"]) in include]
+    manifest = plan.manifest_bytes(bundle)
+    _refuse_secret_text(MANIFEST, manifest, token)
+    files.append(UploadFile(MANIFEST, len(manifest), hashlib.sha256(manifest).hexdigest()))
+    return PushResult(repo_id, "model", files, dry_run=True, tag=tag)
+
+
+def _refuse_secret_text(rel: str, data: bytes, token: str | None) -> None:
+    at = find_secret_bytes(data, token)
+    if at is not None:
+        raise ArtifactError(f"refused: {rel} would contain a string that looks like a Hugging Face token (at byte {at}); "
+                            "remove it from the reports it comes from (and revoke the token if it is real), then run again")
 
 
 def _sync(api, result: PushResult, root: Path, *, private: bool, delete: Callable[[str], bool], message: str,
@@ -215,7 +245,7 @@ def _sync(api, result: PushResult, root: Path, *, private: bool, delete: Callabl
         result.commit = info.sha
     if result.tag:
         with hub_errors(f"tagging {repo_id}", repo_id, "run the same command again to create the tag"):
-            result.tag_created = _ensure_tag(api, repo_id, repo_type, result.tag, result.commit)
+            result.tag_created = _ensure_tag(api, repo_id, repo_type, tag=result.tag, commit=result.commit)
 
 
 def _same_as_remote(remote, local: UploadFile, root: Path) -> bool:
@@ -230,7 +260,7 @@ def _same_as_remote(remote, local: UploadFile, root: Path) -> bool:
     return remote.blob_id == git_hash((root / local.path).read_bytes())  # regular files are small
 
 
-def _ensure_tag(api, repo_id: str, repo_type: str, tag: str, commit: str) -> bool:
+def _ensure_tag(api, repo_id: str, repo_type: str, *, tag: str, commit: str) -> bool:
     """Create `tag` at `commit`; an existing tag there is fine, elsewhere it is an error."""
     existing = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=repo_type).tags}
     if tag in existing:

@@ -7,12 +7,16 @@ unchanged bundle then finds nothing to commit.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exportline.deploy.card import README, load_inputs, render_card
-from exportline.deploy.torchhub import write_hubconf
-from exportline.exporters.core.bundle import Bundle, sha256_file, write_text_atomic
+from exportline.deploy.torchhub import HUBCONF, hubconf_text
+from exportline.exporters.core.bundle import MANIFEST_FORMAT, Bundle, sha256_file, write_text_atomic
 from exportline.exporters.core.errors import ArtifactError
 
 
@@ -51,6 +55,37 @@ def prepare_locked(
 ) -> dict[str, Any]:
     """Record card settings, write hubconf.py and README.md, refresh manifest.json; returns the
     manifest. The caller holds the bundle lock. Refuses a bundle whose stage outputs were modified."""
+    plan = plan_prepared(bundle, repo_id=repo_id, datasets=datasets, license=license, base_model=base_model)
+    for rel, text in plan.texts.items():
+        path = bundle.root / rel
+        if not path.is_file() or path.read_text() != text:  # untouched files keep their mtime
+            write_text_atomic(path, text)
+    return _refresh(bundle, plan.manifest)
+
+
+@dataclass
+class Prepared:
+    """What preparing would leave in the bundle, computed without writing anything."""
+
+    manifest: dict[str, Any]  # its "files" list the generated files as they would be
+    texts: dict[str, str]  # generated file → content (README.md, hubconf.py)
+
+    def manifest_bytes(self, bundle: Bundle) -> bytes:
+        """manifest.json as a prepare would leave it: the file on disk when only its "updated"
+        stamp would change (then it is not rewritten), else the new content (as Bundle writes it)."""
+        on_disk = bundle.read_manifest() if bundle.manifest_path.is_file() else {}
+        if _same_but_stamp(on_disk, self.manifest, mtimes=False):
+            return bundle.manifest_path.read_bytes()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return (json.dumps({**self.manifest, "format": MANIFEST_FORMAT, "updated": stamp}, indent=2) + "\n").encode()
+
+
+def plan_prepared(
+    bundle: Bundle, *, repo_id: str | None = None, datasets: list[str] | tuple[str, ...] = (),
+    license: str | None = None, base_model: str | None = None,
+) -> Prepared:
+    """The card, hubconf.py and manifest a prepare would write; reads the bundle, writes nothing
+    (so `push --dry-run` can list exactly what a push would send)."""
     if not bundle.manifest_path.is_file():
         raise ArtifactError(f"{bundle.root} has no manifest.json; export it first: exportline export SOURCE --out {bundle.root}")
     manifest = bundle.read_manifest()
@@ -62,13 +97,21 @@ def prepare_locked(
             f"restore it or re-run the stage: exportline export SOURCE --out {bundle.root} --stages {stage} --force"
         )
     manifest = _with_settings(manifest, datasets=datasets, license=license, base_model=base_model)
-    write_hubconf(bundle.root)
-    manifest = _refresh(bundle, manifest)
-    text = render_card(load_inputs(bundle.root, manifest=manifest, repo_id=repo_id))
-    readme = bundle.root / README
-    if not readme.is_file() or readme.read_text() != text:
-        write_text_atomic(readme, text)
-    return _refresh(bundle, manifest)
+    texts = {HUBCONF: hubconf_text()}
+    files = _with_texts(bundle.list_files(previous=manifest.get("files", [])), texts)
+    texts[README] = render_card(load_inputs(bundle.root, manifest={**manifest, "files": files}, repo_id=repo_id))
+    return Prepared({**manifest, "files": _with_texts(files, texts)}, texts)
+
+
+def _with_texts(files: list[dict[str, Any]], texts: dict[str, str]) -> list[dict[str, Any]]:
+    """The file list with the generated files as they will be."""
+    entries = {f["path"]: f for f in files}
+    for rel, text in texts.items():
+        data = text.encode()
+        # mtime_ns: when it would be written (now); it only tells a later refresh to re-hash it
+        entries[rel] = {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "mtime_ns": time.time_ns()}
+    return sorted(entries.values(), key=lambda f: f["path"])
 
 
 def _with_settings(manifest: dict, *, datasets, license, base_model) -> dict:
@@ -88,6 +131,16 @@ def _refresh(bundle: Bundle, manifest: dict) -> dict:
     files = bundle.list_files(previous=manifest.get("files", []))
     on_disk = bundle.read_manifest() if bundle.manifest_path.is_file() else {}
     wanted = {**manifest, "files": files}
-    if {k: v for k, v in on_disk.items() if k != "updated"} == {k: v for k, v in wanted.items() if k != "updated"}:
+    if _same_but_stamp(on_disk, wanted):
         return on_disk
     return bundle.write_manifest(wanted)
+
+
+def _same_but_stamp(a: dict, b: dict, *, mtimes: bool = True) -> bool:
+    """Equal apart from the "updated" stamp (and, with mtimes=False, the files' mtimes, which
+    say when a checksum was taken, not what the file holds)."""
+    def strip(m: dict) -> dict:
+        files = [{k: v for k, v in f.items() if mtimes or k != "mtime_ns"} for f in m.get("files", [])]
+        return {**{k: v for k, v in m.items() if k != "updated"}, "files": files}
+
+    return strip(a) == strip(b)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.deploy.engines import EngineCheck, check_engines
-from exportline.deploy.hub import KEEP_REMOTE, check_repo_id, hub_api, hub_errors, resolve_token
+from exportline.deploy.hub import KEEP_REMOTE, REPO_ID, check_repo_id, hub_api, hub_errors, resolve_token
 from exportline.exporters.core.bundle import MANIFEST, Bundle, sha256_file
-from exportline.exporters.core.errors import ArtifactError, OutputError
+from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
 
 HUB_METADATA = ".cache"  # huggingface_hub's bookkeeping inside a local_dir download
 
@@ -49,7 +49,7 @@ def pull_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     revision = revision or "main"
     try:
-        commit = _download(repo_id, revision, tmp, resolve_token(token), progress)
+        commit = _download(repo_id, revision, tmp, token=resolve_token(token), progress=progress)
         progress("checking every file against manifest.json")
         manifest, missing = verify_download(tmp, repo_id)
         engines = check_engines(tmp, bundle_arg=str(out))
@@ -66,7 +66,7 @@ def pull_bundle(
     return PullResult(repo_id, revision, commit, out, len(files), sum(f["bytes"] for f in files), missing, engines)
 
 
-def _download(repo_id: str, revision: str, dest: Path, token: str | None, progress: Callable[[str], None]) -> str:
+def _download(repo_id: str, revision: str, dest: Path, *, token: str | None, progress: Callable[[str], None]) -> str:
     """snapshot_download pinned to the commit `revision` resolves to; returns that commit."""
     from huggingface_hub import snapshot_download
 
@@ -105,3 +105,33 @@ def verify_download(root: Path, repo_id: str) -> tuple[dict[str, Any], list[str]
         verified.append({**want, "mtime_ns": path.stat().st_mtime_ns})
     manifest["files"] = verified
     return manifest, sorted(listed.keys() - present)
+
+
+# -- a repo id where a bundle folder is expected ------------------------------------------------
+def cache_root() -> Path:
+    """exportline's cache folder: $EXPORTLINE_CACHE, else $XDG_CACHE_HOME/exportline (~/.cache)."""
+    base = os.environ.get("EXPORTLINE_CACHE")
+    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
+
+
+def bundle_or_pull(
+    arg: str, *, revision: str | None = None, token: str | None = None, progress: Callable[[str], None] = lambda m: None,
+) -> Path:
+    """A bundle folder as given, or, for a Hub repo id ORG/NAME that is not a local folder, the
+    bundle pulled into the cache (<cache>/hub/ORG/NAME/<commit>), checksums verified by
+    pull_bundle. A commit already pulled is reused, so only the first run downloads."""
+    path = Path(arg)
+    if path.exists():
+        return path
+    if not REPO_ID.match(arg):
+        raise ConfigError(f"{arg}: no such bundle folder, and not a Hub repo id (ORG/NAME); give one of the two")
+    token = resolve_token(token)
+    with hub_errors(f"looking up {arg}", arg, "check the repo id, or pull it first: exportline pull ORG/NAME --out DIR"):
+        commit = hub_api(token).repo_info(arg, revision=revision or "main").sha
+    dest = cache_root() / "hub" / arg / commit
+    if (dest / MANIFEST).is_file():
+        progress(f"using {arg}@{commit[:12]} pulled earlier: {dest}")
+        return dest
+    progress(f"pulling {arg}@{commit[:12]} into {dest}")
+    pull_bundle(arg, out=dest, revision=commit, token=token, progress=progress)
+    return dest

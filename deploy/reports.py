@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from exportline.exporters.core.errors import ArtifactError
-
-VERIFY_JSON = "reports/verify.json"
-BENCH_JSON = "reports/bench.json"
+from exportline.exporters.core.layout import BENCH_JSON, VERIFY_JSON
 
 # Worst value of each metric over a stage's rows: larger is worse for errors, smaller for agreement.
 _WORST = {"rel_l2": max, "max_abs_over_max_ref": max, "top1": min, "cosine": min}

@@ -30,6 +30,14 @@ def find_secret(path: Path, token: str | None = None) -> int | None:
     return None
 
 
+def find_secret_bytes(data: bytes, token: str | None = None) -> int | None:
+    """find_secret for content not written yet (e.g. the card a dry run would write)."""
+    hits = [m.start()] if (m := TOKEN_PATTERN.search(data)) else []
+    if token and len(token) >= 8 and (i := data.find(token.encode())) >= 0:
+        hits.append(i)
+    return min(hits) if hits else None
+
+
 def refuse_secrets(root: Path, rels: list[str], token: str | None = None) -> None:
     """Raise naming the first file (bundle-relative) that contains a token-looking string."""
     for rel in rels:

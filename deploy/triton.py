@@ -8,11 +8,13 @@ Names and dims come from exporters/shapes.py (KVLayout from the bundle's config.
 element types from the ONNX graph itself, which must declare exactly those names. Triton's
 onnxruntime backend opens model.onnx by path (CreateSession), so ONNX Runtime resolves the
 external data relative to the model file: the weights file sits beside it and the graph's
-external-data location is rewritten to its new name.
+external-data location is rewritten to its new name. Files are copied, never hard-linked
+(see copy_file), so the bundle and the repository stay independent.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -21,11 +23,12 @@ from pathlib import Path
 
 from exportline.deploy.engines import EngineCheck, check_engine
 from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 FILENAMES = {"onnx": "model.onnx", "tensorrt": "model.plan"}
-ONNX_BY_PRECISION = {"fp32": "onnx/model.onnx", "fp16": "onnx/model_fp16.onnx", "int8": "onnx/model_int8.onnx"}
+ONNX_BY_PRECISION = {p: g.path for p, g in GRAPHS.items()}
 EXTERNAL_DATA = "model.onnx_data"
 # onnx.TensorProto element type → Triton DataType (model_config.proto)
 _TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",
@@ -59,11 +62,11 @@ class TritonModel:
 
 
 def layout_of(root: Path) -> KVLayout:
-    from transformers import AutoConfig
+    from exportline.exporters.sources.hf_writer import load_config
 
     if not (Path(root) / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export the hf stage first: exportline export SOURCE --out {root}")
-    return KVLayout.from_config(AutoConfig.from_pretrained(root))
+    return KVLayout.from_config(load_config(root))
 
 
 def onnx_io_types(path: Path) -> dict[str, str]:
@@ -150,7 +153,7 @@ def write_triton_repo(
         if plan is None:
             files = copy_onnx(root / model.source, tmp / "1")
         else:
-            _link_or_copy(root / plan, tmp / "1" / FILENAMES["tensorrt"])
+            copy_file(root / plan, tmp / "1" / FILENAMES["tensorrt"])
             files, model.source = [FILENAMES["tensorrt"]], plan
             model.engine_check = check_engine(root, plan)
         (tmp / "config.pbtxt").write_text(render_config(model))
@@ -182,7 +185,7 @@ def copy_onnx(src: Path, dest_dir: Path) -> list[str]:
             for e in t.external_data:
                 if e.key == "location":
                     e.value = EXTERNAL_DATA
-        _link_or_copy(src.parent / location, dest_dir / EXTERNAL_DATA)
+        copy_file(src.parent / location, dest_dir / EXTERNAL_DATA)
         files.append(EXTERNAL_DATA)
     (dest_dir / FILENAMES["onnx"]).write_bytes(model.SerializeToString())
     return files
@@ -217,13 +220,31 @@ def _pick_engine(root: Path, engine: str | None, precision: str | None) -> str:
     return matching[0]
 
 
-def _link_or_copy(src: Path, dest: Path) -> None:
-    """A hard link when possible: model weights can be gigabytes, and stages replace files
-    (new inode) rather than rewrite them, so the link never sees a later export."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
+def copy_file(src: Path, dest: Path) -> None:
+    """A copy of its own, never a hard link: onnx >= 1.23 refuses external data that has more
+    than one link ("potential hardlink attack"), which would break both the Triton copy and the
+    bundle's own graph. copy_file_range lets the kernel share extents where the filesystem can
+    (reflink on btrfs/XFS) and copy in-kernel elsewhere; plain reads where it is unsupported.
+    The new file gets the user's umask, like every file exportline writes."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        remaining = os.fstat(fin.fileno()).st_size
+        try:
+            while remaining > 0:
+                sent = os.copy_file_range(fin.fileno(), fout.fileno(), remaining)
+                if sent == 0:
+                    break
+                remaining -= sent
+        except (AttributeError, OSError) as exc:  # no such call, or not between these filesystems
+            if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
+                raise
+        if remaining > 0:
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
 def _bundle_name(root: Path) -> str:

@@ -6,17 +6,25 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from deploy_bundle import build_bundle, exportline_cmd
-from hub_server import HubServer, HubState
-
 # Variables that would point the client at a real Hub or a real token.
 _HUB_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN_PATH",
             "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_XET")
+
+# Before anything imports huggingface_hub (it reads these at import): no test sees the user's
+# Hub cache, token or endpoint, and nothing a test does lands in ~/.cache/huggingface.
+for _name in _HUB_ENV:
+    os.environ.pop(_name, None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="exportline-tests-hf-home-")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+from deploy_bundle import build_bundle, exportline_cmd  # noqa: E402 (after the environment is isolated)
+from hub_server import HubServer, HubState  # noqa: E402
 
 
 @dataclass

@@ -82,16 +82,16 @@ def write_reports(reports: Path) -> None:
     from exportline.verify.report import StageReport, VerifyReport, judge
 
     fp32 = {"rel_l2": 1e-5, "max_abs_over_max_ref": 1e-5}
-    hf = [judge("hf", "batch1 prefill 8", "logits", [1, 8, 512],
-                {"max_abs": 2.1e-7, "max_abs_over_max_ref": 3.2e-8, "rel_l2": 4.5e-8, "cosine": 1.0, "top1": 1.0}, fp32),
-          judge("hf", "batch3 left-padded prefill 16", "logits", [3, 16, 512],
-                {"max_abs": 3.3e-7, "max_abs_over_max_ref": 5.1e-8, "rel_l2": 6.25e-8, "cosine": 1.0, "top1": 1.0}, fp32)]
-    onnx = [judge("onnx", "batch1 decode past 31", "logits", [1, 1, 512],
-                  {"max_abs": 1.2e-6, "max_abs_over_max_ref": 2.4e-7, "rel_l2": 3.75e-7, "cosine": 0.99999994, "top1": 1.0}, fp32),
-            judge("onnx", "greedy 32 steps", "greedy tokens", [1, 32], {"identical_fraction": 1.0}, {"identical_fraction": 1.0})]
-    fp16 = [judge("fp16", "batch1 prefill 8", "logits", [1, 8, 512],
-                  {"max_abs": 1.9e-3, "max_abs_over_max_ref": 4.4e-4, "rel_l2": 5.5e-4, "cosine": 0.9999998, "top1": 0.995},
-                  {"rel_l2": 1e-3, "top1": 0.99})]
+    hf = [judge("hf", "batch1 prefill 8", "logits", shape=[1, 8, 512],
+                metrics={"max_abs": 2.1e-7, "max_abs_over_max_ref": 3.2e-8, "rel_l2": 4.5e-8, "cosine": 1.0, "top1": 1.0}, bounds=fp32),
+          judge("hf", "batch3 left-padded prefill 16", "logits", shape=[3, 16, 512],
+                metrics={"max_abs": 3.3e-7, "max_abs_over_max_ref": 5.1e-8, "rel_l2": 6.25e-8, "cosine": 1.0, "top1": 1.0}, bounds=fp32)]
+    onnx = [judge("onnx", "batch1 decode past 31", "logits", shape=[1, 1, 512],
+                  metrics={"max_abs": 1.2e-6, "max_abs_over_max_ref": 2.4e-7, "rel_l2": 3.75e-7, "cosine": 0.99999994, "top1": 1.0}, bounds=fp32),
+            judge("onnx", "greedy 32 steps", "greedy tokens", shape=[1, 32], metrics={"identical_fraction": 1.0}, bounds={"identical_fraction": 1.0})]
+    fp16 = [judge("fp16", "batch1 prefill 8", "logits", shape=[1, 8, 512],
+                  metrics={"max_abs": 1.9e-3, "max_abs_over_max_ref": 4.4e-4, "rel_l2": 5.5e-4, "cosine": 0.9999998, "top1": 0.995},
+                  bounds={"rel_l2": 1e-3, "top1": 0.99})]
     report = VerifyReport([
         StageReport.from_rows("hf", hf, "float64 reference"),
         StageReport.from_rows("onnx", onnx, "float64 reference"),

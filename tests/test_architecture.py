@@ -94,3 +94,25 @@ def test_a_violation_is_caught(tmp_path, monkeypatch):
 def test_modules_stay_small(path):
     """House rule 9: modules under ~600 lines; split by concept."""
     assert len(path.read_text().splitlines()) <= 650
+
+
+def test_every_module_imports_first():
+    """Each module imported first, on its own (an import cycle shows only for some entry
+    points): one subprocess, exportline's modules dropped from sys.modules between imports."""
+    import subprocess
+    import sys
+
+    names = [module_name(p) for p in package_files()]
+    script = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for m in [m for m in sys.modules if m.startswith('exportline')]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        print(f'{name}: {type(exc).__name__}: {exc}')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == ""

@@ -85,7 +85,7 @@ def test_wrong_llama2c_header(tmp_path, defect):
         data[0:4] = struct.pack("<i", -32)
     elif defect == "size-mismatch":
         data[8:12] = struct.pack("<i", 3)  # n_layers 2 → 3: the header now promises more bytes
-    elif defect == "v1-magic":
+    elif defect == "v1-magic":  # a v0 file behind the v1/v2 magic: its "version" field is hidden_dim, 88
         data[0:4] = struct.pack("<I", 0x616B3432)
     else:
         data = data[:20]
@@ -94,7 +94,8 @@ def test_wrong_llama2c_header(tmp_path, defect):
     line = error_line(err)
     assert code != 0 and "export.py" in line  # says how to re-export
     expected = {"negative-dim": "not a llama2.c v0 header", "size-mismatch": "but the file has",
-                "v1-magic": "version 1/2", "shorter-than-header": "shorter than the 28-byte"}[defect]
+                "v1-magic": "file version 88 (magic 'ak42') is unknown",
+                "shorter-than-header": "shorter than the 28-byte"}[defect]
     assert expected in line
     _nothing_trusted(tmp_path / "out")
 

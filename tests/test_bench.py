@@ -286,3 +286,29 @@ def test_gpu_bench_workflow_structure():
     assert upload["uses"] == "actions/upload-artifact@v4"
     assert upload["with"]["path"] == "out/${{ matrix.model }}/reports/" and upload["if"] == "always()"
     assert all(("run" in s) != ("uses" in s) for s in steps)
+
+
+def test_gpu_bench_workflow_installs_tensorrt_and_requires_it():
+    """The GPU job gets TensorRT (the gpu extra) and onnxruntime-gpu, and fails when trt cannot run."""
+    import shlex
+
+    steps = yaml.safe_load((REPO / ".github" / "workflows" / "gpu-bench.yml").read_text())["jobs"]["bench"]["steps"]
+    runs = [s.get("run", "") for s in steps]
+    order = {name: next((i for i, r in enumerate(runs) if needle(r)), None) for name, needle in {
+        "setup": lambda r: "make setup" in r,
+        "gpu": lambda r: any(".[gpu]" in w for line in r.splitlines() for w in shlex.split(line, comments=True)),
+        "export": lambda r: "make export" in r,
+    }.items()}
+    assert None not in order.values() and order["setup"] < order["gpu"] < order["export"], order
+    install = runs[order["gpu"]]
+    assert "-c constraints.txt" in install and "onnxruntime-gpu" in install
+    # the CPU wheel is removed before the GPU one is installed: both ship the `onnxruntime` module
+    assert install.index("uninstall -y onnxruntime") < install.index("install \"onnxruntime-gpu")
+    assert "import tensorrt" in install  # the step fails on the runner when the extra did not provide it
+    export = shlex.split(runs[order["export"]].split("make export", 1)[1])
+    args = next(a for a in export if a.startswith("ARGS="))
+    assert shlex.split(args[len("ARGS="):])[:2] == ["--require", "trt"]
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"tensorrt' in pyproject.split("gpu = [", 1)[1].split("]", 1)[0]
+    ort = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.lower().startswith("onnxruntime==")]
+    assert len(ort) == 1  # the version the GPU wheel is pinned to

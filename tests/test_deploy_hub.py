@@ -3,6 +3,7 @@ with the CLI run in a subprocess (the client reads HF_ENDPOINT at import time)."
 
 from __future__ import annotations
 
+from exportline.deploy.prepare import prepare_bundle
 from exportline.exporters.core.bundle import Bundle, sha256_file
 
 REPO = "org/tiny"
@@ -184,15 +185,27 @@ def test_no_token_is_a_clear_error(local_hub, deploy_bundle):
     assert local_hub.state.log == []
 
 
-def test_dry_run_lists_files_and_uploads_nothing(local_hub, deploy_bundle):
+def _tree(folder) -> dict[str, tuple]:
+    """Every path under folder (dot files included) → (sha256, mode, mtime_ns)."""
+    return {p.relative_to(folder).as_posix(): (sha256_file(p) if p.is_file() else None, p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_dry_run_changes_nothing_and_lists_what_a_push_sends(local_hub, deploy_bundle):
+    before = _tree(deploy_bundle)
+    assert REPO not in (deploy_bundle / "README.md").read_text()  # the card names the repo only once pushed
     proc = local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, "--dry-run", "--include", "hf,reports")
     assert proc.returncode == 0, proc.stderr
-    manifest = Bundle(deploy_bundle).read_manifest()
-    listed = {line.split()[-1]: int(line.split()[0].replace(",", "")) for line in proc.stdout.splitlines()[:-1]}
-    expected = {f["path"]: f["bytes"] for f in manifest["files"] if not f["path"].startswith(("onnx/", "trt/"))}
-    assert {k: v for k, v in listed.items() if k != "manifest.json"} == expected
-    assert "manifest.json" in listed and "nothing uploaded" in proc.stdout
+    assert _tree(deploy_bundle) == before
+    assert "nothing uploaded" in proc.stdout
     assert local_hub.state.log == [] and local_hub.state.repos == {}
+    listed = {line.split()[-1]: int(line.split()[0].replace(",", "")) for line in proc.stdout.splitlines()[:-1]}
+
+    prepare_bundle(deploy_bundle, repo_id=REPO)  # what a push writes before it uploads
+    manifest = Bundle(deploy_bundle).read_manifest()
+    expected = {f["path"]: f["bytes"] for f in manifest["files"] if not f["path"].startswith(("onnx/", "trt/"))}
+    assert {"README.md", "hubconf.py"} <= expected.keys() and REPO in (deploy_bundle / "README.md").read_text()
+    assert listed == {**expected, "manifest.json": Bundle(deploy_bundle).manifest_path.stat().st_size}
 
 
 def test_partial_push_pulls_as_a_bundle_missing_those_files(local_hub, deploy_bundle, tmp_path):

@@ -1,5 +1,6 @@
-"""exportline handoff --triton: config.pbtxt parsed back with protobuf against Triton's own field
-numbers, every KV tensor listed, and the ONNX (with external data) loadable from its new place."""
+"""exportline handoff --triton: config.pbtxt parsed back with Triton's own protobuf schema, every KV
+tensor listed, the ONNX (with external data) loadable from its new place, and the bundle left intact:
+files are copied, never hard-linked (onnx >= 1.23 refuses external data with several links)."""
 
 from __future__ import annotations
 
@@ -16,56 +17,20 @@ from exportline.exporters.core.shapes import KVLayout
 
 from deploy_bundle import ENGINE, exportline_cmd, write_standin_onnx
 
-_DATA_TYPES = ["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
-               "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]
-
-
-def model_config_class():
-    """The part of Triton's ModelConfig (common/protobuf/model_config.proto) that handoff writes,
-    with the same names and field numbers; text_format.Parse rejects any other field or enum."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="triton_model_config_subset.proto", package="inference", syntax="proto3")
-    dtype = f.enum_type.add(name="DataType")
-    for i, n in enumerate(_DATA_TYPES):
-        dtype.value.add(name=n, number=i)
-
-    def message(name, fields, enums=()):
-        m = f.message_type.add(name=name)
-        for ename, values in enums:
-            e = m.enum_type.add(name=ename)
-            for i, v in enumerate(values):
-                e.value.add(name=v, number=i)
-        for fname, number, ftype, repeated, type_name in fields:
-            m.field.add(name=fname, number=number, type=ftype, type_name=type_name,
-                        label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
-
-    tensor = [("name", 1, F.TYPE_STRING, False, None), ("data_type", 2, F.TYPE_ENUM, False, ".inference.DataType")]
-    message("ModelInput", tensor + [("dims", 4, F.TYPE_INT64, True, None)])
-    message("ModelOutput", tensor + [("dims", 3, F.TYPE_INT64, True, None)])
-    message("ModelInstanceGroup", [
-        ("name", 1, F.TYPE_STRING, False, None), ("count", 2, F.TYPE_INT32, False, None),
-        ("gpus", 3, F.TYPE_INT32, True, None), ("kind", 4, F.TYPE_ENUM, False, ".inference.ModelInstanceGroup.Kind"),
-        ("profile", 5, F.TYPE_STRING, True, None),
-    ], enums=[("Kind", ["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"])])
-    message("ModelConfig", [
-        ("name", 1, F.TYPE_STRING, False, None), ("platform", 2, F.TYPE_STRING, False, None),
-        ("max_batch_size", 4, F.TYPE_INT32, False, None),
-        ("input", 5, F.TYPE_MESSAGE, True, ".inference.ModelInput"),
-        ("output", 6, F.TYPE_MESSAGE, True, ".inference.ModelOutput"),
-        ("instance_group", 7, F.TYPE_MESSAGE, True, ".inference.ModelInstanceGroup"),
-        ("default_model_filename", 8, F.TYPE_STRING, False, None), ("backend", 17, F.TYPE_STRING, False, None),
-    ])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
-
 
 def parse_config(path):
+    """config.pbtxt parsed with Triton's own schema (tritonclient's model_config_pb2, generated from
+    common/protobuf/model_config.proto): text_format.Parse rejects any field or enum it does not know."""
     from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
 
-    return text_format.Parse(path.read_text(), model_config_class()())
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def dtype(name: str) -> int:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Value(name)
 
 
 def _layout(bundle) -> KVLayout:
@@ -94,7 +59,7 @@ def test_onnx_handoff_config_lists_every_kv_tensor(deploy_bundle, tmp_path):
     outputs = {t.name: t for t in config.output}
     assert list(inputs) == [s.name for s in layout.inputs()] and list(outputs) == [s.name for s in layout.outputs()]
     assert all(f"past_key_values.{i}.{k}" in inputs for i in range(layout.num_layers) for k in ("key", "value"))
-    fp32, int64 = _DATA_TYPES.index("TYPE_FP32"), _DATA_TYPES.index("TYPE_INT64")
+    fp32, int64 = dtype("TYPE_FP32"), dtype("TYPE_INT64")
     assert inputs["input_ids"].data_type == int64 and list(inputs["input_ids"].dims) == [-1, -1]
     assert inputs["attention_mask"].data_type == int64 and list(inputs["attention_mask"].dims) == [-1, -1]
     assert list(inputs["past_key_values.0.key"].dims) == [-1, layout.num_kv_heads, -1, layout.head_dim]
@@ -113,8 +78,8 @@ def test_handed_off_onnx_finds_its_external_data_beside_it(deploy_bundle, tmp_pa
     assert locations == {"model.onnx_data"}  # was model_fp16.onnx_data in the bundle
     config = parse_config(model.model_dir / "config.pbtxt")
     types = {t.name: t.data_type for t in [*config.input, *config.output]}
-    assert types["past_key_values.1.value"] == _DATA_TYPES.index("TYPE_FP16")
-    assert types["logits"] == _DATA_TYPES.index("TYPE_FP32")
+    assert types["past_key_values.1.value"] == dtype("TYPE_FP16")
+    assert types["logits"] == dtype("TYPE_FP32")
 
     monkeypatch.chdir(tmp_path)  # ONNX Runtime must resolve the weights from the model's folder, not the cwd
     feeds = _feeds(_layout(deploy_bundle), np.float16)
@@ -129,7 +94,7 @@ def test_tensorrt_handoff_enables_both_profiles(deploy_bundle, tmp_path):
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
     assert (model.model_dir / "1" / "model.plan").read_bytes() == (deploy_bundle / ENGINE).read_bytes()
     assert [list(g.profile) for g in config.instance_group] == [["0", "1"]]
-    assert {t.name: t.data_type for t in config.input}["past_key_values.0.key"] == _DATA_TYPES.index("TYPE_FP16")
+    assert {t.name: t.data_type for t in config.input}["past_key_values.0.key"] == dtype("TYPE_FP16")
     assert model.engine_check is not None and not model.engine_check.usable
 
 
@@ -146,3 +111,41 @@ def test_existing_model_folder_is_not_overwritten(deploy_bundle, tmp_path):
     proc = subprocess.run([*exportline_cmd(), "handoff", str(deploy_bundle), "--triton", str(tmp_path / "repo")],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "already exists" in proc.stderr
+
+
+def _check_graphs(folder) -> list[str]:
+    """onnx.load + the full checker (which reads the external data) on every graph under folder."""
+    import onnx
+
+    graphs = sorted(folder.rglob("*.onnx"))
+    for path in graphs:
+        onnx.load(str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+    return [p.relative_to(folder).as_posix() for p in graphs]
+
+
+def test_handoff_copies_so_onnx_still_opens_bundle_and_repo(deploy_bundle, tmp_path):
+    repo = tmp_path / "repo"
+    for precision in ("fp32", "fp16", "int8"):
+        write_triton_repo(deploy_bundle, repo, precision=precision, name=f"tiny-{precision}")
+    write_triton_repo(deploy_bundle, repo, backend="tensorrt", name="tiny-trt")
+    files = [p for folder in (deploy_bundle, repo) for p in folder.rglob("*") if p.is_file()]
+    assert [p for p in files if p.stat().st_nlink != 1] == []
+    assert _check_graphs(deploy_bundle) == ["onnx/model.onnx", "onnx/model_fp16.onnx", "onnx/model_int8.onnx"]
+    assert len(_check_graphs(repo)) == 3
+
+
+@pytest.mark.slow
+def test_real_bundle_after_handoff_checks_and_reexports(tmp_path):
+    """A real hf+onnx export, handed off; then the checker passes everywhere and a later
+    `export --stages fp16 --force` (which reads onnx/model.onnx) still works."""
+    out, repo = tmp_path / "tiny", tmp_path / "repo"
+    export = [*exportline_cmd(), "export", "tiny", "--out", str(out), "--no-verify"]
+    subprocess.run([*export, "--stages", "hf,onnx"], check=True, capture_output=True, text=True)
+    proc = subprocess.run([*exportline_cmd(), "handoff", str(out), "--triton", str(repo)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _check_graphs(out) == ["onnx/model.onnx"] and _check_graphs(repo) == ["tiny/1/model.onnx"]
+    proc = subprocess.run([*export, "--stages", "fp16", "--force"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _check_graphs(out) == ["onnx/model.onnx", "onnx/model_fp16.onnx"]
+    assert _check_graphs(repo) == ["tiny/1/model.onnx"]

@@ -8,7 +8,7 @@ from exportline.bench.export_cost import ensure_hf, measure_stage, report
 def test_onnx_stage_cost_of_tiny_preset(tmp_path):
     out = tmp_path / "tiny"
     ensure_hf("tiny", out, [])
-    cost = measure_stage("tiny", "onnx", out, [])
+    cost = measure_stage("tiny", "onnx", out, overrides=[])
     assert set(cost.files) == {"onnx/model.onnx", "onnx/model.onnx_data"}
     assert cost.folder_files == {"onnx": 2}
     assert cost.weight_bytes == sum(p.stat().st_size for p in out.glob("*.safetensors")) - _header(out)

@@ -351,7 +351,7 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
     chunks = spread(split_text(default_corpus(), load_tokenizer(root), max_positions=256).calibration, 8)
     graph = load_graph(source, infer=False, weights=False)
     channels = activation_channels(graph, weight_matmuls(graph))
-    ours = channel_absmax(source, graph, channels, tmp_path / "stats",
+    ours = channel_absmax(source, graph, channels, scratch=tmp_path / "stats",
                           run=lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe).drain())
     calibrator = create_calibrator(source, ["MatMul"], augmented_model_path=str(tmp_path / "aug.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})

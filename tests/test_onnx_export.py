@@ -22,7 +22,7 @@ from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.exporters.onnx.replicate import TRACE_LAYERS
 from exportline.exporters.sources import PresetSource
 from exportline.exporters.stages import parse_stages
-from exportline.verify.checks.metrics import compare
+from exportline.verify.metrics import compare
 
 # One tiny model per supported architecture (optimum's habit: a registered architecture
 # without a test model fails test_every_architecture_has_a_test_model). "preset" = exported
@@ -117,9 +117,9 @@ def _reference(ref, ids, mask, past):
         cache.update(torch.from_numpy(past[i]).double(), torch.from_numpy(past[i + 1]).double(), i // 2)
     with torch.no_grad():
         out = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                  position_ids=torch.from_numpy(_positions(mask, ids.shape[1])), past_key_values=cache, use_cache=True)
+                  position_ids=torch.from_numpy(_positions(mask, ids.shape[1])), cache=cache, use_cache=True)
     refs = {"logits": out.logits.numpy()}
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(out.cache.layers):
         refs[f"present.{i}.key"], refs[f"present.{i}.value"] = layer.keys.numpy(), layer.values.numpy()
     return refs
 

@@ -60,3 +60,4 @@ def test_every_source_kind_reads_something():
     assert len(suffixes) == len(set(suffixes)), "two source kinds claim one suffix"
     for kind in SOURCE_KINDS.values():
         assert callable(getattr(kind.source, "write_hf", None)), kind.name
+

@@ -10,7 +10,7 @@ import pytest
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
 from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.verify.cases import build_cases
-from exportline.verify.checks.metrics import compare
+from exportline.verify.metrics import compare
 from exportline.verify.runtime import BACKENDS, make_runner
 from exportline.verify.runtime.onnx_runner import OnnxRuntimeRunner
 from exportline.verify.runtime.torch_runner import TorchRunner

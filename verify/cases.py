@@ -67,7 +67,7 @@ def positions(mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
 
 
-def prefill(name: str, rng: np.random.Generator, vocab: int, batch: int, length: int, pads: list[int] | None = None) -> Case:
+def prefill(name: str, rng: np.random.Generator, vocab: int, *, batch: int, length: int, pads: list[int] | None = None) -> Case:
     """`pads[b]` pad tokens at the left of row b (token 0; masked anyway)."""
     pads = pads or [0] * batch
     ids = rng.integers(0, vocab, size=(batch, length), dtype=np.int64)
@@ -78,7 +78,7 @@ def prefill(name: str, rng: np.random.Generator, vocab: int, batch: int, length:
     return Case(name, ids, mask, positions(mask))
 
 
-def decode(name: str, rng: np.random.Generator, vocab: int, prefix: Case) -> Case:
+def decode(name: str, rng: np.random.Generator, vocab: int, *, prefix: Case) -> Case:
     """One new token per row after `prefix`."""
     ids = rng.integers(0, vocab, size=(prefix.batch, 1), dtype=np.int64)
     mask = np.concatenate([prefix.attention_mask, np.ones((prefix.batch, 1), dtype=np.int64)], axis=1)
@@ -93,17 +93,17 @@ def build_cases(layout: KVLayout, *, seed: int = 0, long: int = LONG) -> list[Ca
         raise ConfigError(f"the long case length must be ≥ 4 (got {long}); DESIGN.md §6 asks ≥ 64")
     rng = np.random.default_rng(seed)
     v = layout.vocab_size
-    p1 = prefill("batch1 prefill 1", rng, v, 1, 1)
-    p_long = prefill(f"batch1 prefill {long}", rng, v, 1, long)
-    padded = prefill(f"batch3 prefill {long} left-padded", rng, v, 3, long, pads=[0, max(1, long // 8), long // 2])
-    empty = prefill("batch3 decode past 0", rng, v, 3, 1)
+    p1 = prefill("batch1 prefill 1", rng, v, batch=1, length=1)
+    p_long = prefill(f"batch1 prefill {long}", rng, v, batch=1, length=long)
+    padded = prefill(f"batch3 prefill {long} left-padded", rng, v, batch=3, length=long, pads=[0, max(1, long // 8), long // 2])
+    empty = prefill("batch3 decode past 0", rng, v, batch=3, length=1)
     return [
         p1,
         p_long,
         padded,
         empty,
-        decode("batch1 decode past 1", rng, v, p1),
-        decode(f"batch3 decode past {long} left-padded", rng, v, padded),
+        decode("batch1 decode past 1", rng, v, prefix=p1),
+        decode(f"batch3 decode past {long} left-padded", rng, v, prefix=padded),
     ]
 
 

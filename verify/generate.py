@@ -160,8 +160,7 @@ def generate_from_bundle(
     progress: Callable[[str], None] = lambda message: None,
 ) -> BundleGeneration:
     """Text prompts go through the bundle's tokenizer (left padding); `token_ids` bypass it."""
-    from transformers import AutoConfig
-
+    from exportline.exporters.sources.hf_writer import load_config
     from exportline.verify.runtime.backends import make_runner
 
     root = Path(root)
@@ -169,7 +168,7 @@ def generate_from_bundle(
         raise ConfigError("give prompts (--prompt TEXT) or token ids (--token-ids 1,2,3), not both or neither")
     if not (root / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export it first: exportline export SOURCE --out {root}")
-    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    config = load_config(root)
     tokenizer = _tokenizer(root) if prompts else None
     if prompts and tokenizer is None:
         raise ConfigError(f"{root} has no tokenizer; pass token ids instead: --token-ids 1,2,3")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from exportline.exporters.core.errors import VerificationFailed
-from exportline.verify.checks.metrics import compare
+from exportline.verify.metrics import compare
 
 # Metrics where larger is better; every other bound is an upper limit.
 _AT_LEAST = {"top1", "cosine", "identical_fraction"}
@@ -42,20 +42,20 @@ def _within(metric: str, value: float | None, bound: float) -> bool:
     return value >= bound if metric in _AT_LEAST else value <= bound
 
 
-def judge(stage: str, case: str, output: str, shape, metrics: dict, bounds: dict, note: str = "") -> CheckRow:
+def judge(stage: str, case: str, output: str, *, shape, metrics: dict, bounds: dict, note: str = "") -> CheckRow:
     passed = all(_within(k, metrics.get(k), v) for k, v in bounds.items())
     return CheckRow(stage, case, output, [int(s) for s in shape], metrics, bounds, passed, note)
 
 
 def tensor_row(
-    stage: str, case: str, output: str, out, ref, bounds: dict, *, mask=None, top1: bool = False, shape=None
+    stage: str, case: str, output: str, *, out, ref, bounds: dict, mask=None, top1: bool = False, shape=None
 ) -> CheckRow:
     """Compare one output tensor with its reference and judge it against `bounds`.
     `shape` is what the report shows when the arrays were transposed for the mask."""
     metrics = compare(out, ref, mask=mask, top1=top1).as_dict()
     if not top1:
         metrics.pop("top1")
-    return judge(stage, case, output, np.shape(ref) if shape is None else shape, metrics, bounds)
+    return judge(stage, case, output, shape=np.shape(ref) if shape is None else shape, metrics=metrics, bounds=bounds)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exportline.exporters.cli.options import BundleArg, RepoIdOpt, TokenOpt, err
+from exportline.exporters.cli.options import BundleArg, BundleOrRepoArg, RepoIdOpt, TokenOpt, err
 
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the repo private; refuses an existing public one.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded (paths, sizes); upload nothing.")]
@@ -132,7 +132,7 @@ def push_dataset(
 
 
 def handoff(
-    bundle: BundleArg,
+    bundle: BundleOrRepoArg,
     triton: Annotated[Path, typer.Option("--triton", help="Triton model repository folder to write into.")],
     backend: Annotated[str, typer.Option(help="onnx (onnxruntime_onnx) or tensorrt (tensorrt_plan).")] = "onnx",
     precision: Annotated[Optional[str], typer.Option(
@@ -141,9 +141,10 @@ def handoff(
     engine: Annotated[Optional[str], typer.Option(help="Engine file under trt/ (tensorrt backend).")] = None,
 ) -> None:
     """Write a Triton Inference Server model repository: <name>/config.pbtxt + <name>/1/model.*"""
+    from exportline.deploy.pull import bundle_or_pull
     from exportline.deploy.triton import write_triton_repo
 
-    model = write_triton_repo(bundle, triton, backend=backend, precision=precision, name=name, engine=engine)
+    model = write_triton_repo(bundle_or_pull(bundle, progress=err.print), triton, backend=backend, precision=precision, name=name, engine=engine)
     typer.echo(f"{model.model_dir}: {model.platform}, {len(model.inputs)} inputs, {len(model.outputs)} outputs "
                f"({', '.join(model.files)})")
     if model.engine_check is not None and not model.engine_check.usable:

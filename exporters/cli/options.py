@@ -12,6 +12,8 @@ from rich.console import Console
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder written by `exportline export`.")]
+BundleOrRepoArg = Annotated[str, typer.Argument(
+    help="Bundle folder, or a Hub repo id ORG/NAME (pulled into the cache first, every checksum verified).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: out/<name>).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun stages whose inputs are unchanged.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the Python files of an HF folder (off by default).")]

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exportline.exporters.cli.options import BundleArg, err
+from exportline.exporters.cli.options import BundleArg, BundleOrRepoArg, err
 from exportline.verify.runtime.backends import backend_help
 
 StageOpt = Annotated[Optional[list[str]], typer.Option("--stage", help="Check only this stage (repeatable); default: every stage the manifest records.")]
@@ -37,7 +37,7 @@ def verify(bundle: BundleArg, stage: StageOpt = None, long: LongOpt = 64) -> Non
 
 
 def generate(
-    bundle: BundleArg,
+    bundle: BundleOrRepoArg,
     prompt: PromptOpt = None,
     token_ids: TokenIdsOpt = None,
     backend: BackendOpt = "onnx",
@@ -48,6 +48,7 @@ def generate(
     seed: SeedOpt = 0,
 ) -> None:
     """Generate from the bundle with the KV cache; text on stdout (one line per prompt), timings on stderr."""
+    from exportline.deploy.pull import bundle_or_pull
     from exportline.exporters.core.errors import ConfigError
     from exportline.verify.generate import Sampling, generate_from_bundle
 
@@ -55,8 +56,9 @@ def generate(
         raise ConfigError("--greedy and --temperature exclude each other; drop one")
     sampling = Sampling(greedy=temperature is None, temperature=temperature or 1.0, top_k=top_k, seed=seed)
     _quiet_transformers()
+    root = bundle_or_pull(bundle, progress=err.print)
     result = generate_from_bundle(
-        bundle, backend=backend, prompts=prompt, token_ids=[_parse_ids(t) for t in token_ids or []] or None,
+        root, backend=backend, prompts=prompt, token_ids=[_parse_ids(t) for t in token_ids or []] or None,
         max_new_tokens=max_new_tokens, sampling=sampling, progress=err.print,
     )
     if not result.used_tokenizer:

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from exportline.exporters.core.errors import ArtifactError, OutputError
+from exportline.exporters.core.layout import LOCK, MANIFEST, TMP
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "exportline-manifest/1"
-LOCK = ".exportline.lock"
-TMP = ".exportline-tmp"
 _NOT_LISTED = {MANIFEST, LOCK}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -142,7 +143,7 @@ def run_pipeline(
         manifest["source"] = source.describe()
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for stage in stages:
-            record = _run_stage(bundle, source, stage, manifest, options=options, force=force, progress=progress)
+            record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
             ran.append(record)
             manifest.setdefault("stages", {})[stage.name] = record
             manifest = bundle.write_manifest(manifest)
@@ -153,8 +154,7 @@ def run_pipeline(
 
 
 def _run_stage(
-    bundle: Bundle, source: Source, stage: Stage, manifest: dict[str, Any], *,
-    options: ExportOptions, force: bool, progress: Callable[[str], None],
+    bundle: Bundle, source: Source, stage: Stage, *, manifest: dict[str, Any],     options: ExportOptions, force: bool, progress: Callable[[str], None],
 ) -> dict[str, Any]:
     known = {f["path"]: f for f in manifest.get("files", [])}
     ctx = StageContext(bundle=bundle, source=source, tmp=bundle.root, options=options, progress=progress)
@@ -195,6 +195,7 @@ def _run_stage(
         if translated is None:
             raise
         raise translated from None
+    share_like_umask(ctx.tmp)
     outputs = bundle.commit(ctx.tmp)
     _remove_stale(bundle, previous, outputs)
     progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
@@ -203,6 +204,18 @@ def _run_stage(
         "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def share_like_umask(folder: Path) -> None:
+    """Every file a stage wrote gets the mode the user's umask gives a new file. Some writers
+    create theirs 0600 (safetensors' save_file, onnx's external data), which a serving
+    container's non-root user cannot read; the bundle is meant to be shared."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def _user_error(stage: str, exc: BaseException) -> ExportlineError | None:

@@ -147,7 +147,7 @@ def _kv_wrapper(model):
             super().__init__()
             self.lm = lm  # the attribute name is WRAPPER_PREFIX
 
-        def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values):  # noqa: PLR0917 (torch.export passes inputs positionally)
             cache = DynamicCache(config=self.lm.config)
             # The past becomes each layer's cache as is: `update` would concatenate it to an
             # empty tensor, adding per-layer nodes outside the decoder layers.
@@ -156,10 +156,10 @@ def _kv_wrapper(model):
                 layer.keys, layer.values = past_key_values[i], past_key_values[i + 1]
             out = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, return_dict=True,
+                cache=cache, use_cache=True, return_dict=True,
             )
             presents = []
-            for layer in out.past_key_values.layers:
+            for layer in out.cache.layers:
                 presents += [layer.keys, layer.values]
             return (out.logits, *presents)
 
@@ -254,16 +254,25 @@ def _trace(model, layout: KVLayout, opset: int):
     return onnx_program.model
 
 
+# Warnings torch raises about its own internals while tracing (category, message regex).
+# Only these are hidden: any other warning, e.g. a deprecation in how we call transformers,
+# must reach the user and the tests.
+TRACE_NOISE = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # torch.export's pytree, torch 2.13
+)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Library code does not print: torch.onnx logs and warns about its own internals
-    (missing torchvision ops, axis renames) while tracing; none of it is a fact for the user."""
+    """Library code does not print: torch.onnx logs about its own internals (missing
+    torchvision ops, axis renames) while tracing; none of it is a fact for the user."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            for category, message in TRACE_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
             yield
     finally:
         logger.setLevel(level)
@@ -331,9 +340,14 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
 
 
 def export_onnx(
-    hf_dir: Path, out_dir: Path, *, opset: int = OPSET, progress: Callable[[str], None] = lambda m: None
+    hf_dir: Path, out_dir: Path, *, opset: int = OPSET, source: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = lambda m: None,
 ) -> OnnxExport:
-    """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`."""
+    """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`; `source`
+    (the source's description) goes into the graph's metadata_props (exporters/onnx/metadata.py)."""
+    import torch
+
+    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
     from exportline.exporters.onnx.weights import save
 
     seconds: dict[str, float] = {}
@@ -346,7 +360,11 @@ def export_onnx(
         clock = now
 
     ir_model, config, weights, tracing = trace_graph(hf_dir, opset=opset, progress=progress, lap=lap)
+    layout = KVLayout.from_config(config)
     progress(f"onnx: writing {weights.nbytes / 2**30:.2f} GiB of weights into {DATA_FILE}")
+    stamp(ir_model, graph_metadata(source=source or {"kind": "hf", "path": str(hf_dir)}, precision="fp32", layout=layout,
+                                   made_by=[f"torch {torch.__version__} torch.export + torch.onnx",
+                                            f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     save(ir_model, out_dir / MODEL_FILE, DATA_FILE)
     lap("write")

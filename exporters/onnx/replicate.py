@@ -152,7 +152,7 @@ class _Reads:
     - anything else (shared prefix values, constants) → the same value.
     """
 
-    def __init__(self, layers: _Layers, names: LayerNames, src: int, dst: int, previous: dict, current: dict):
+    def __init__(self, layers: _Layers, names: LayerNames, src: int, *, dst: int, previous: dict, current: dict):
         self.layers, self.names, self.src, self.dst = layers, names, src, dst
         self.previous, self.current = previous, current
 
@@ -195,7 +195,7 @@ def check_periodic(layers: _Layers, names: LayerNames, weights: set) -> dict:
     last = len(layers.nodes) - 1
     previous = _align(layers.nodes[last - 2], layers.nodes[last - 1])
     current = _align(layers.nodes[last - 1], layers.nodes[last])
-    reads = _Reads(layers, names, last - 1, last, previous, current)
+    reads = _Reads(layers, names, last - 1, dst=last, previous=previous, current=current)
     for a, b in zip(layers.nodes[last - 1], layers.nodes[last]):
         for x, y in zip(a.inputs, b.inputs):
             want = reads(x)
@@ -237,7 +237,7 @@ class _Copier:
         self.buffers = dict(model.named_buffers(remove_duplicate=False))
         self.new_inputs: dict[str, object] = {}
 
-    def value_for(self, original, name: str, src: int, dst: int):
+    def value_for(self, original, name: str, src: int, *, dst: int):
         import onnx_ir as ir
 
         from exportline.exporters.onnx.weights import WeightSource, lazy_weight
@@ -255,7 +255,7 @@ class _Copier:
             if stored is None or stored.shape != self.weights.tensors[source.key].shape:
                 raise NotReplicable(f"no checkpoint tensor {key} shaped like {source.key}")
             self.sources[name] = WeightSource(key, source.perm)
-            data = lazy_weight(self.weights, self.sources[name], original.dtype, original.shape.numpy(), name)
+            data = lazy_weight(self.weights, self.sources[name], original.dtype, shape=original.shape.numpy(), name=name)
         elif name[len(self.prefix):] in self.buffers:  # a layer's own non-persistent buffer
             data = ir.Tensor(self.buffers[name[len(self.prefix):]].detach().cpu().numpy(), name=name)
         else:
@@ -289,11 +289,11 @@ def replicate(graph, model, *, prefix: str, stack: str, total: int, sources: dic
         # Layer j reads layer j-1 where layer `last` reads layer last-1.
         previous = {v: made_by[j - 1][step[v]] for v in step}
         made: dict = {}
-        reads = _Reads(layers, names, last, j, previous, made)
+        reads = _Reads(layers, names, last, dst=j, previous=previous, current=made)
         clones = []
         for node in layers.nodes[last]:
             inputs = [
-                copier.value_for(x, w[1], last, j) if isinstance(w := reads(x), tuple) else w for x in node.inputs
+                copier.value_for(x, w[1], last, dst=j) if isinstance(w := reads(x), tuple) else w for x in node.inputs
             ]
             clone = ir.Node(
                 node.domain, node.op_type, inputs, [_copy_attr(a) for a in node.attributes.values()],
@@ -307,7 +307,7 @@ def replicate(graph, model, *, prefix: str, stack: str, total: int, sources: dic
             clones.append(clone)
         graph.insert_after(anchor, clones)
         anchor, made_by[j] = clones[-1], made
-    _rewire(graph, suffix, made_by, presents, copier, last=last, total=total)
+    _rewire(graph, suffix, made_by, presents=presents, copier=copier, last=last, total=total)
 
 
 def _suffix_reads(graph, layers: _Layers, last: int) -> list[tuple]:
@@ -327,7 +327,7 @@ def _suffix_reads(graph, layers: _Layers, last: int) -> list[tuple]:
     return reads
 
 
-def _rewire(graph, suffix, made_by: dict[int, dict], presents: dict, copier: _Copier, *, last: int, total: int) -> None:
+def _rewire(graph, suffix, made_by: dict[int, dict], *, presents: dict, copier: _Copier, last: int, total: int) -> None:
     """The final norm and lm_head read the new last layer; inputs/outputs cover every layer."""
     for node, i, value in suffix:
         node.replace_input_with(i, made_by[total - 1][value])

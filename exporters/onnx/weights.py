@@ -74,7 +74,7 @@ def _checkpoint_tensor_class():
     return CheckpointTensor
 
 
-def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, shape, name: str):
+def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, *, shape, name: str):
     """An initializer's data: `source` read (and transposed) only when it is written."""
     import onnx_ir as ir
     import torch
@@ -148,7 +148,7 @@ def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> 
         if key in graph.initializers and graph.initializers[key] is not value:
             raise StageError(f"onnx: two initializers map to checkpoint tensor {key}")
         value.name = key
-        value.const_value = lazy_weight(weights, WeightSource(key), value.dtype, stored.shape, key)
+        value.const_value = lazy_weight(weights, WeightSource(key), value.dtype, shape=stored.shape, name=key)
         sources[key] = WeightSource(key)
     _refuse_skeleton_data(graph, model, torch)
     return sources
@@ -183,7 +183,7 @@ def fold_weight_transposes(graph, sources: dict[str, WeightSource], weights: Che
         perm = tuple(node.attributes.get_ints("perm", list(reversed(range(len(shape))))))
         name = f"{source.key}.transposed"
         out = ir.Value(name=name, shape=ir.Shape([shape[i] for i in perm]), type=weight.type)
-        out.const_value = lazy_weight(weights, WeightSource(source.key, perm), weight.dtype, out.shape.numpy(), name)
+        out.const_value = lazy_weight(weights, WeightSource(source.key, perm), weight.dtype, shape=out.shape.numpy(), name=name)
         graph.register_initializer(out)
         ir.convenience.replace_all_uses_with(node.outputs[0], out)
         graph.remove(node, safe=True)

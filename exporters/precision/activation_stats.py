@@ -17,7 +17,7 @@ import numpy as np
 
 
 def channel_absmax(
-    model_path: Path, graph_only, channels: dict[str, int], scratch: Path, *, run: Callable
+    model_path: Path, graph_only, channels: dict[str, int], *, scratch: Path, run: Callable
 ) -> dict[str, np.ndarray]:
     """max |X_j| for every tensor X in `channels` (name → size of its last axis).
 

@@ -154,8 +154,8 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], *, al
     largest, scales = 1.0, {}
     for g in groups:
         if g.axis == 0:  # norm parameters other norms share (exporters dedupe equal weights)
-            g.source = _private(model, index, g.node, g.source)
-            g.bias = _private(model, index, g.node, g.bias) if g.bias else None
+            g.source = _private(model, index, g.node, init=g.source)
+            g.bias = _private(model, index, g.node, init=g.bias) if g.bias else None
         weights_ = [(access.read(w), axis) for w, axis in g.weights]
         w_max = np.max(np.stack([np.abs(w).max(axis=1 - axis) for w, axis in weights_]), axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -175,7 +175,7 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], *, al
     return facts, scales
 
 
-def _private(model, index: GraphIndex, node_name: str, init: str) -> str:
+def _private(model, index: GraphIndex, node_name: str, *, init: str) -> str:
     """`init` as read by `node_name` only: a copy when other nodes read it too."""
     readers = index.consumers[init]
     if len(readers) <= 1:

@@ -58,7 +58,7 @@ def checkpoint_source(path: Path, **options: Any) -> CheckpointSource:
     kind = "hf" if path.is_dir() else SUFFIX_KINDS.get(path.suffix.lower())
     if kind is None:
         raise SourceError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; expected a nanoGPT "
-                          f".pt/.pth, a llama2.c v0 .bin or an HF folder")
+                          f".pt/.pth, a llama2.c .bin or an HF folder")
     return SOURCE_KINDS[kind].source(path, **options)
 
 

@@ -24,7 +24,7 @@ CONVERTER_VERSION = 1
 @dataclass
 class CheckpointSource:
     path: Path
-    tokenizer_file: Path | None = None  # --tokenizer: a tokenizer.json to ship with the model
+    tokenizer_file: Path | None = None  # --tokenizer: tokenizer.json, sentencepiece .model or llama2.c tokenizer.bin
     trust_remote_code: bool = False
     name: str = ""
     preset: str | None = None  # the preset whose `checkpoint:` named this file
@@ -38,7 +38,8 @@ class CheckpointSource:
         if self.tokenizer_file is not None:
             self.tokenizer_file = Path(self.tokenizer_file).resolve()
             if not self.tokenizer_file.is_file():
-                raise SourceError(f"--tokenizer {self.tokenizer_file}: no such file; pass a tokenizer.json")
+                raise SourceError(f"--tokenizer {self.tokenizer_file}: no such file; pass a tokenizer.json, a "
+                                  "sentencepiece tokenizer.model or llama2.c's tokenizer.bin")
         self.name = self.name or default_name(self.path)
 
     # -- identity ------------------------------------------------------------------------------
@@ -95,8 +96,11 @@ class CheckpointSource:
         return info
 
     def write_tokenizer(self, dest: Path, model_max_length: int) -> dict[str, Any]:
+        from exportline.exporters.sources.spm_tokenizer import SPM_FILES, write_spm_tokenizer
         from exportline.exporters.sources.tokenizer import write_tokenizer_file
 
+        if self.tokenizer_file and self.tokenizer_file.suffix in SPM_FILES:
+            return write_spm_tokenizer(self.tokenizer_file, dest, model_max_length)
         if self.tokenizer_file:
             return write_tokenizer_file(self.tokenizer_file, dest, model_max_length)
         return self.own_tokenizer_plan()

@@ -149,6 +149,16 @@ def write_config_files(config, dest: Path, *, dtype: str = "float32") -> None:
     ).save_pretrained(dest)
 
 
+def load_config(folder: Path):
+    """The folder's config.json as a transformers config (no weights, no custom code, no
+    network); a missing or broken file is one line that names it."""
+    from transformers import AutoConfig
+
+    read_hf_config(folder)  # the one-line errors for a missing or invalid file
+    with quiet_transformers():
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
 def read_hf_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     try:
@@ -159,20 +169,14 @@ def read_hf_config(folder: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run the export with --force") from None
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """model.safetensors, or the shards its index lists."""
-    from exportline.exporters.sources.weights_reader import INDEX
-    from exportline.exporters.sources.weights_reader import weight_files as listed
-
-    return [Path(folder) / name for name in listed(folder) if name != INDEX]
-
-
 def read_hf_weights(folder: Path) -> dict:
     """Every tensor of the folder's safetensors, by name (torch, as stored)."""
     from safetensors import safe_open
 
+    from exportline.exporters.sources.weights_reader import shard_paths
+
     state = {}
-    for path in weight_files(folder):
+    for path in shard_paths(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():

@@ -43,7 +43,7 @@ class Reference:
         return tokens, step_logits
 
 
-def attention(q, k, v, attention_mask):
+def attention(q, k, v, *, attention_mask):
     """Causal softmax attention in float64; q [b,h,s,d], k/v [b,h,s,d], mask [b,s] (1 = real)."""
     import torch
 

@@ -14,7 +14,7 @@ def default_corpus() -> Path:
     return config_dir() / "corpus.txt"
 
 
-def train_bpe(vocab_size: int, dest: Path, corpus: Path | None = None, model_max_length: int = 2048) -> dict:
+def train_bpe(vocab_size: int, dest: Path, corpus: Path | None = None, *, model_max_length: int = 2048) -> dict:
     """Byte-level BPE trained with `tokenizers` on the shipped corpus; deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -49,6 +49,11 @@ def weight_files(folder: Path) -> list[str]:
     raise SourceError(f"{folder} has no {SINGLE} or {INDEX}; run the hf stage first (--stages hf,onnx)")
 
 
+def shard_paths(folder: Path) -> list[Path]:
+    """The safetensors files themselves (model.safetensors, or the shards the index lists)."""
+    return [Path(folder) / name for name in weight_files(folder) if name != INDEX]
+
+
 def _read_index(path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
@@ -93,7 +98,7 @@ class CheckpointWeights:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        files = [f for f in weight_files(self.folder) if f != INDEX]
+        files = [p.name for p in shard_paths(self.folder)]
         self.tensors: dict[str, StoredTensor] = {}
         for name in files:
             path = self.folder / name

@@ -33,6 +33,7 @@ import contextlib
 from typing import Any
 
 from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import Stage, StageContext
 from exportline.exporters.onnx.external_data import (
     Convert,
@@ -44,9 +45,10 @@ from exportline.exporters.onnx.external_data import (
     weightless_copy,
 )
 from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
+from exportline.exporters.onnx.metadata import stamp_derived
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_fp16.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["fp16"].path
 KEEP_FLOAT32_IO = ("logits",)
 
 # Op types that always compute in float32 (DESIGN.md §4), besides the library's defaults
@@ -272,6 +274,10 @@ def _run_from_onnx(ctx: StageContext) -> dict[str, Any]:
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
     converted, facts = convert(model)
     del model
+    import onnxruntime
+
+    stamp_derived(converted, ctx=ctx, precision="fp16", parent=ctx.bundle_file(SOURCE),
+                  step=f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands")
     target = ctx.tmp / TARGET
     ctx.progress("fp16: streaming the weights into model_fp16.onnx_data, tensor by tensor")
     overflow: dict[str, int] = {}
@@ -302,6 +308,7 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
     del proto
     overflow: dict[str, int] = {}
     retyped = float16_conversions(converted, stored, overflow)
+    _stamp_direct(ctx, converted, config)
     target = ctx.tmp / TARGET
     ctx.progress(f"fp16: streaming {weights.nbytes / 2**30:.2f} GiB of checkpoint weights into model_fp16.onnx_data")
     files = save_streamed(converted, None, target, tensors=checkpoint_tensors(lazies, retyped))
@@ -311,6 +318,20 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
             "converter": "onnxruntime.transformers.float16",
             "weights": f"direct from the HF safetensors ({', '.join(dtypes)}), no fp32 ONNX written",
             "tracing": tracing, "architecture": config.model_type}
+
+
+def _stamp_direct(ctx: StageContext, converted, config) -> None:
+    import onnxruntime
+    import torch
+
+    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
+
+    stamp(converted, graph_metadata(source=ctx.source.describe(), precision="fp16", layout=KVLayout.from_config(config), made_by=[
+        f"torch {torch.__version__} torch.export + torch.onnx",
+        f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)",
+        f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands, weights straight from the HF folder",
+    ]))
 
 
 def float16_conversions(converted, stored: dict[str, int], overflow: dict[str, int]) -> dict[str, Convert]:

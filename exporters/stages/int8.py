@@ -39,18 +39,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_streamed
 from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
+from exportline.exporters.onnx.metadata import stamp_derived
 from exportline.exporters.precision.activation_stats import channel_absmax
 from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
 from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
-from exportline.exporters.precision.smoothing import Streamed
+from exportline.exporters.precision.smoothing import Streamed, find_groups, input_axis
 from exportline.exporters.precision.smoothing import apply as smooth
-from exportline.exporters.precision.smoothing import find_groups, input_axis
 
-SOURCE = "onnx/model.onnx"
-TARGET = "onnx/model_int8.onnx"
+SOURCE = GRAPHS["fp32"].path
+TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
@@ -135,7 +136,7 @@ def weight_matmuls(model) -> list[str]:
     ]
 
 
-def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: list[str]) -> None:
+def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], *, nodes: list[str]) -> None:
     """The Q/DQ graph of exactly `nodes` with the symmetric activation ranges `ranges`
     (tensor → max |x|), written to `out_path` (+ its data file): the graph is edited without
     its weights and each weight is quantized as it is written (exporters/precision/qdq_insert.py,
@@ -149,11 +150,10 @@ def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], nodes: 
 
 
 def _layout(ctx: StageContext):
-    from transformers import AutoConfig
-
     from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(str(ctx.bundle.root))
+    config = load_config(ctx.bundle.root)
     return KVLayout.from_config(config), config.max_position_embeddings
 
 
@@ -185,11 +185,15 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
     target = ctx.tmp / TARGET
     try:
-        model, facts, quantized = _smooth_and_quantize(ctx, source, chunks, layout, scratch)
+        model, facts, quantized = _smooth_and_quantize(ctx, source, chunks, layout=layout, scratch=scratch)
         problems = qdq_form_problems(model, base_dir=quantized.parent)
         if problems:
             raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
         topological_sort(model.graph)
+        import onnxruntime
+
+        stamp_derived(model, ctx=ctx, precision="int8", parent=source,
+                      step=f"exportline SmoothQuant + Q/DQ insertion with onnxruntime {onnxruntime.__version__} quantization functions")
         files = save_streamed(model, quantized, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -206,7 +210,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratch: Path):
+def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, *, layout, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a streamed copy →
     Q/DQ graph; the graphs are held without their weights, which are read one at a time.
     Returns the Q/DQ graph (weightless), the facts, and the path its weights are under."""
@@ -224,7 +228,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
         readers[-1].drain()
 
     with _quiet():
-        stats = channel_absmax(source, graph, channels, scratch / "stats", run=run)
+        stats = channel_absmax(source, graph, channels, scratch=scratch / "stats", run=run)
     ctx.progress("int8: folding SmoothQuant into a copy of the weights, tensor by tensor")
     weights = Streamed(graph, source)
     smoothing, scales = smooth(graph, groups, stats, weights=weights)
@@ -236,7 +240,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, layout, scratc
     quantized = scratch / "quantized" / "model_int8.onnx"
     ctx.progress("int8: quantizing the weights, tensor by tensor")
     with _quiet():
-        quantize(smoothed, quantized, ranges, nodes)
+        quantize(smoothed, quantized, ranges, nodes=nodes)
     model = load_graph(quantized, infer=False, weights=False)
     dedicated = dedicate_activation_qdq(model, nodes)
     facts = {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing,

@@ -18,7 +18,8 @@ def _inputs(ctx: StageContext) -> list[str]:
 def _run(ctx: StageContext) -> dict[str, Any]:
     from exportline.exporters.onnx.export import export_onnx
 
-    result = export_onnx(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(), progress=ctx.progress)
+    result = export_onnx(ctx.bundle.root, ctx.tmp / "onnx", opset=ctx.options.opset or _opset(),
+                         source=ctx.source.describe(), progress=ctx.progress)
     return result.record()
 
 

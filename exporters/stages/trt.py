@@ -81,7 +81,7 @@ def timing_cache_path(opts: ExportOptions, target: Target) -> Path:
     return Path(base) / "tensorrt" / f"timing.{target.sm}.trt{target.tensorrt}.cache"
 
 
-def _parse(trt, builder, logger, onnx_path: Path):
+def _parse(trt, builder, logger, *, onnx_path: Path):
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file, not parse(bytes): the parser then resolves model.onnx_data beside it.
@@ -99,7 +99,7 @@ def _parse(trt, builder, logger, onnx_path: Path):
     return network, parser
 
 
-def _use_timing_cache(trt, config, path: Path, progress) -> None:
+def _use_timing_cache(trt, config, path: Path, *, progress) -> None:
     data = path.read_bytes() if path.is_file() else b""
     try:
         cache = config.create_timing_cache(data)
@@ -127,7 +127,7 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
     """Serialized engine and its I/O names for one strongly typed ONNX graph."""
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path)
+    network, _parser = _parse(trt, builder, logger, onnx_path=onnx_path)
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     declared = list(profiles[0].shapes)
@@ -145,7 +145,7 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
         if config.add_optimization_profile(trt_profile) < 0:
             reason = logger.errors[-1] if logger.errors else "invalid shapes"
             raise StageError(f"TensorRT refused the {profile.name} profile of {onnx_path.name}: {reason}")
-    _use_timing_cache(trt, config, timing_cache, progress)
+    _use_timing_cache(trt, config, timing_cache, progress=progress)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         reason = logger.errors[-1] if logger.errors else "no error reported"
@@ -169,9 +169,9 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             f"trt builds from {' or '.join(ENGINE_SOURCES.values())}, and {ctx.bundle.root} has neither; "
             f"make them first: exportline export SOURCE --out {ctx.bundle.root} --stages fp16,int8"
         )
-    from transformers import AutoConfig
+    from exportline.exporters.sources.hf_writer import load_config
 
-    config = AutoConfig.from_pretrained(ctx.bundle.root)  # config.json only; no weights are read
+    config = load_config(ctx.bundle.root)  # config.json only; no weights are read
     max_sequence = opts["max_sequence"] or default_max_sequence(config)
     if max_sequence > config.max_position_embeddings:
         raise ConfigError(

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.shapes import BATCH, PAST, SEQUENCE, TOTAL, KVLayout, ProfileShapes, optimization_profiles
 
 META_FORMAT = "exportline-trt-engine/1"
 # Precision → the ONNX graph its engine is built from. Strongly typed: the graph decides.
-ENGINE_SOURCES: dict[str, str] = {"fp16": "onnx/model_fp16.onnx", "int8": "onnx/model_int8.onnx"}
+ENGINE_SOURCES: dict[str, str] = {p: GRAPHS[p].path for p in ("fp16", "int8")}
 MAX_SEQUENCE_CAP = 2048  # default max_sequence = min(max_position_embeddings, this)
 REBUILD = "exportline export {bundle} --stages trt --force"
 

@@ -73,7 +73,7 @@ def check(ctx) -> StageReport:
         tight = _bounds(ctx.thresholds, bounds_key)
         for c in cases:
             got = hf_logits(model64, c.input_ids, c.attention_mask)
-            rows.append(tensor_row(STAGE, f"{c.name}, HF float64", "logits", got, wants[c.name], tight,
+            rows.append(tensor_row(STAGE, f"{c.name}, HF float64", "logits", out=got, ref=wants[c.name], bounds=tight,
                                    mask=c.attention_mask, top1=True))
         del model64
     else:
@@ -87,15 +87,15 @@ def check(ctx) -> StageReport:
     fp32 = _bounds(ctx.thresholds, "fp32")
     for c in cases:
         got = hf_logits(model32, c.input_ids, c.attention_mask)
-        rows.append(tensor_row(STAGE, f"{c.name}, HF float32", "logits", got, wants[c.name], fp32,
+        rows.append(tensor_row(STAGE, f"{c.name}, HF float32", "logits", out=got, ref=wants[c.name], bounds=fp32,
                                mask=c.attention_mask, top1=True))
     got_greedy, _ = hf_greedy(model32, prompt, GREEDY_STEPS)
-    rows.append(_greedy_row(got_greedy, want_greedy, cases[0].name, ctx.thresholds))
+    rows.append(_greedy_row(got_greedy, want_greedy, cases[0].name, thresholds=ctx.thresholds))
     return StageReport.from_rows(STAGE, rows, description, source_kind=source.get("kind"))
 
 
 def _greedy_row(got: list[int], want_greedy: tuple[list[int], list[np.ndarray]], case: str,
-                thresholds: dict) -> CheckRow:
+                *, thresholds: dict) -> CheckRow:
     """Greedy tokens of the float32 HF model (KV cache) against the reference's.
 
     Random-init models have near-flat logits, so a token may legitimately flip where the
@@ -114,7 +114,7 @@ def _greedy_row(got: list[int], want_greedy: tuple[list[int], list[np.ndarray]],
         bounds = {}
     note = "" if first is None else f"first differing token at step {first}"
     return judge(STAGE, f"greedy {GREEDY_STEPS} steps from {case}, HF float32 (KV cache)", "greedy tokens",
-                 (1, GREEDY_STEPS), metrics, bounds, note)
+                 shape=(1, GREEDY_STEPS), metrics=metrics, bounds=bounds, note=note)
 
 
 def _weights_row(root: Path, source: dict) -> CheckRow:
@@ -123,9 +123,9 @@ def _weights_row(root: Path, source: dict) -> CheckRow:
     import torch
     from safetensors import safe_open
 
-    from exportline.exporters.sources.hf_writer import weight_files
+    from exportline.exporters.sources.weights_reader import shard_paths
 
-    handles = [safe_open(str(p), framework="pt") for p in weight_files(root)]
+    handles = [safe_open(str(p), framework="pt") for p in shard_paths(root)]
     where = {k: h for h in handles for k in h.keys()}
     seen, bad, max_abs = set(), [], 0.0
     for name, want in _source_tensors(root, source):
@@ -140,7 +140,7 @@ def _weights_row(root: Path, source: dict) -> CheckRow:
     bad += sorted(set(where) - seen)
     metrics = {"tensors": float(len(seen)), "mismatched": float(len(bad)), "max_abs": max_abs}
     note = f"first mismatch: {bad[0]}" if bad else "all bit-identical"
-    return judge(STAGE, "all weights", "weights", (len(seen),), metrics, {"mismatched": 0.0, "max_abs": 0.0}, note)
+    return judge(STAGE, "all weights", "weights", shape=(len(seen),), metrics=metrics, bounds={"mismatched": 0.0, "max_abs": 0.0}, note=note)
 
 
 def _source_tensors(root: Path, source: dict):

@@ -86,7 +86,7 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
     rows: list[CheckRow] = []
     with candidate:
         for case, feed, ref in expected:
-            rows += compare_case(stage, case, candidate.infer(feed), ref, bounds)
+            rows += compare_case(stage, case, candidate.infer(feed), ref=ref, bounds=bounds)
         graph_tokens = greedy_tokens(candidate, layout, prompt)
     rows.append(greedy_row(stage, torch_tokens, graph_tokens, required=greedy_required))
     return StageReport.from_rows(
@@ -96,18 +96,24 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
     )
 
 
-def compare_case(stage: str, case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], bounds: dict) -> list[CheckRow]:
-    """One row per reference output; an output the graph lacks or shapes wrongly fails its row."""
+def compare_case(
+    stage: str, case: Case, out: dict[str, np.ndarray], *, ref: dict[str, np.ndarray], bounds: dict,
+    label: str | None = None, logits_only: bool = False,
+) -> list[CheckRow]:
+    """One row per reference output; an output the graph lacks or shapes wrongly fails its row.
+    `logits_only`: `bounds` judge the logits; the other outputs (the KV cache) are reported."""
     rows = []
     for name, expected in ref.items():
+        judged = bounds if name == "logits" or not logits_only else {}
         if name not in out or np.shape(out[name]) != np.shape(expected):
             got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge(stage, case.name, name, np.shape(expected), {}, bounds, note=f"output {got}"))
+            rows.append(judge(stage, label or case.name, name, shape=np.shape(expected), metrics={},
+                              bounds=judged or {"rel_l2": 0.0}, note=f"output {got}"))
             continue
         rows.append(tensor_row(
-            stage, case.name, name,
-            positions_first(name, out[name]), positions_first(name, expected),
-            bounds, mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
+            stage, label or case.name, name,
+            out=positions_first(name, out[name]), ref=positions_first(name, expected),
+            bounds=judged, mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
         ))
     return rows
 
@@ -116,7 +122,7 @@ def greedy_prompt(vocab_size: int, length: int = 8, seed: int = 1) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, vocab_size, size=length)]
 
 
-def greedy_tokens(runner: Runner, layout, prompt: list[int], n: int = GREEDY_TOKENS) -> list[int]:
+def greedy_tokens(runner: Runner, layout, prompt: list[int], *, n: int = GREEDY_TOKENS) -> list[int]:
     """`n` argmax tokens; EOS does not stop it, so both sides always produce `n` to compare."""
     return generate(runner, [prompt], layout=layout, max_new_tokens=n, sampling=Sampling(greedy=True)).tokens[0]
 
@@ -126,6 +132,6 @@ def greedy_row(stage: str, reference: list[int], tokens: list[int], *, required:
     first = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), None)
     note = "" if first is None else f"first difference at new token {first}"
     return judge(
-        stage, f"batch1 greedy {len(reference)} tokens", "greedy tokens", [1, len(reference)],
-        {"identical_fraction": same}, {"identical_fraction": 1.0} if required else {}, note=note,
+        stage, f"batch1 greedy {len(reference)} tokens", "greedy tokens", shape=[1, len(reference)],
+        metrics={"identical_fraction": same}, bounds={"identical_fraction": 1.0} if required else {}, note=note,
     )

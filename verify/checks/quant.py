@@ -27,10 +27,10 @@ from exportline.exporters.precision.calibration import (
     split_text,
     spread,
 )
-from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.cases import Case
 from exportline.verify.checks.context import CheckContext
-from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
-from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
+from exportline.verify.checks.onnx import compare_case, float64_expectations, greedy_row, greedy_tokens
+from exportline.verify.report import CheckRow, StageReport, judge
 from exportline.verify.runtime.backends import make_runner
 
 HELDOUT_CHUNKS = 16  # held-out sequences scored for perplexity (16 × 128 tokens)
@@ -50,7 +50,7 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     rows: list[CheckRow] = []
     with candidate:
         for case, feed, ref in expected:
-            rows += _fp16_rows(case, candidate.infer(feed), ref, logits_bounds)
+            rows += _fp16_rows(case, candidate.infer(feed), ref, logits_bounds=logits_bounds)
         tokens = greedy_tokens(candidate, layout, prompt)
     rows.append(greedy_row("fp16", reference_tokens, tokens, required=False))
     return StageReport.from_rows(
@@ -60,19 +60,8 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     )
 
 
-def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], logits_bounds: dict) -> list[CheckRow]:
-    rows = []
-    for name, expected in ref.items():
-        bounds = logits_bounds if name == "logits" else {}
-        if name not in out or np.shape(out[name]) != np.shape(expected):
-            got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge("fp16", case.name, name, np.shape(expected), {}, bounds or {"rel_l2": 0.0}, note=f"output {got}"))
-            continue
-        rows.append(tensor_row(
-            "fp16", case.name, name, positions_first(name, out[name]), positions_first(name, expected), bounds,
-            mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
-        ))
-    return rows
+def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, logits_bounds: dict) -> list[CheckRow]:
+    return compare_case("fp16", case, out, ref=ref, bounds=logits_bounds, logits_only=True)
 
 
 # -- int8 ---------------------------------------------------------------------------------------
@@ -105,9 +94,8 @@ def check_int8(ctx: CheckContext) -> StageReport:
 
 def _heldout(ctx: CheckContext):
     """The held-out chunks of the int8 stage's own calibration text (same file, same split)."""
-    from transformers import AutoConfig
-
     from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.sources.hf_writer import load_config
 
     options = ctx.manifest.get("stages", {}).get("int8", {}).get("options", {})
     text = calibration_path(options.get("calibration_data"))
@@ -116,7 +104,7 @@ def _heldout(ctx: CheckContext):
             f"{text} changed since the int8 stage calibrated on it, so its held-out part is unknown; "
             "restore it or re-run: exportline export SOURCE --stages int8 --force"
         )
-    config = AutoConfig.from_pretrained(str(ctx.root))
+    config = load_config(ctx.root)
     split = split_text(text, load_tokenizer(ctx.root), max_positions=config.max_position_embeddings)
     return spread(split.heldout, HELDOUT_CHUNKS), text, KVLayout.from_config(config)
 
@@ -145,13 +133,13 @@ def _int8_rows(scored: dict, *, bounds_ratio: float, bound_top1: float, shape: l
     for label, s in scored.items():
         metrics = {"perplexity": s["perplexity"], "perplexity_ratio": s["perplexity"] / base}
         bounds = {"perplexity_ratio": bounds_ratio} if label == "int8" else {}
-        rows.append(judge("int8", f"held-out text, {label} graph", "perplexity", shape, metrics, bounds))
+        rows.append(judge("int8", f"held-out text, {label} graph", "perplexity", shape=shape, metrics=metrics, bounds=bounds))
     for label in ("fp16", "int8"):
         if label in scored:
             agree = float((scored[label]["argmax"] == scored["fp32"]["argmax"]).mean())
             bounds = {"top1": bound_top1} if label == "int8" else {}
-            rows.append(judge("int8", f"held-out text, {label} vs fp32", "logits argmax", shape, {"top1": agree}, bounds))
+            rows.append(judge("int8", f"held-out text, {label} vs fp32", "logits argmax", shape=shape, metrics={"top1": agree}, bounds=bounds))
     if "int8" not in scored:
-        rows.append(judge("int8", "held-out text", "perplexity", shape, {}, {"perplexity_ratio": bounds_ratio},
+        rows.append(judge("int8", "held-out text", "perplexity", shape=shape, metrics={}, bounds={"perplexity_ratio": bounds_ratio},
                           note="no int8 graph to score"))
     return rows

@@ -24,10 +24,10 @@ from exportline.exporters.tensorrt.engines import (
     read_metadata,
     select_profile,
 )
-from exportline.verify.cases import Case, output_mask, positions_first
+from exportline.verify.cases import Case
 from exportline.verify.checks.context import CheckContext
-from exportline.verify.checks.onnx import float64_expectations, greedy_row, greedy_tokens
-from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
+from exportline.verify.checks.onnx import compare_case, float64_expectations, greedy_row, greedy_tokens
+from exportline.verify.report import CheckRow, StageReport, judge
 from exportline.verify.runtime.backends import make_runner
 
 STAGE = "trt"
@@ -56,10 +56,10 @@ def check(ctx: CheckContext) -> StageReport:
         ctx.progress(f"{STAGE}: {precision} engine over {len(cases)} cases")
         bounds = logits_bounds(ctx.thresholds, precision)
         with runner:
-            engine_rows = [r for case, feed, ref in expected for r in _engine_rows(runner, precision, case, feed, ref, bounds)]
+            engine_rows = [r for case, feed, ref in expected for r in _engine_rows(runner, precision, case, feed=feed, ref=ref, bounds=bounds)]
             greedy[runner.name] = greedy_tokens(runner, layout, prompt)
         if not any(r.bounds for r in engine_rows):  # every case was outside the engine's profiles
-            engine_rows.append(judge(STAGE, f"{precision} engine", "logits", [], {}, bounds, note="no case fits its profiles"))
+            engine_rows.append(judge(STAGE, f"{precision} engine", "logits", shape=[], metrics={}, bounds=bounds, note="no case fits its profiles"))
         rows += engine_rows
         rows.append(greedy_row(STAGE, reference_tokens, greedy[runner.name], required=False))
         rows[-1].case = f"{precision} engine, {rows[-1].case}"
@@ -85,22 +85,10 @@ def _recorded_engines(ctx: CheckContext, target) -> dict[str, str]:
     return {p: built[p] for p in ENGINE_SOURCES if p in built}
 
 
-def _engine_rows(runner, precision: str, case: Case, feed, ref, bounds: dict) -> list[CheckRow]:
+def _engine_rows(runner, precision: str, case: Case, *, feed, ref, bounds: dict) -> list[CheckRow]:
     label = f"{precision} engine, {case.name}"
     try:
         select_profile(runner.meta["profiles"], {k: np.shape(v) for k, v in feed.items()})
     except ConfigError as exc:  # the engine was built with smaller limits than this case
-        return [judge(STAGE, label, "logits", np.shape(ref["logits"]), {}, {}, note=f"not run: {exc}")]
-    out = runner.infer(feed)
-    rows = []
-    for name, expected in ref.items():
-        judged = bounds if name == "logits" else {}
-        if name not in out or np.shape(out[name]) != np.shape(expected):
-            got = "missing" if name not in out else f"shape {list(np.shape(out[name]))}"
-            rows.append(judge(STAGE, label, name, np.shape(expected), {}, judged or {"rel_l2": 0.0}, note=f"output {got}"))
-            continue
-        rows.append(tensor_row(
-            STAGE, label, name, positions_first(name, out[name]), positions_first(name, expected), judged,
-            mask=output_mask(case, name), top1=name == "logits", shape=np.shape(expected),
-        ))
-    return rows
+        return [judge(STAGE, label, "logits", shape=np.shape(ref["logits"]), metrics={}, bounds={}, note=f"not run: {exc}")]
+    return compare_case(STAGE, case, runner.infer(feed), ref=ref, bounds=bounds, label=label, logits_only=True)

@@ -73,7 +73,7 @@ def hf_greedy(model, prompt: np.ndarray, steps: int) -> tuple[list[int], list[np
             last = out.logits[0, -1].to(torch.float64).numpy()
             tokens.append(int(last.argmax()))
             step_logits.append(last)
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
     return tokens, step_logits
 
 

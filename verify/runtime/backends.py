@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.layout import GRAPHS, MANIFEST, Graph
 from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.exporters.tensorrt.engines import find_engine, local_target
 from exportline.verify.runtime.base import Runner
@@ -36,7 +37,9 @@ def _torch(root: Path, **options: Any) -> Runner:
     return TorchRunner(root, **options)
 
 
-def _onnx(rel: str, stage: str) -> Callable[..., Runner]:
+def _onnx(graph: Graph) -> Callable[..., Runner]:
+    rel, stage = graph.path, graph.stage
+
     def make(root: Path, **options: Any) -> Runner:
         # Fail here, before a caller spends minutes on a reference, not at activate().
         _check_against_manifest(root, rel, stage)
@@ -62,10 +65,10 @@ def _trt(precision: str) -> Callable[..., Runner]:
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", "HF transformers in torch (the bundle root)", "fp32", "hf", _torch, torch_bench_options),
-    Backend("onnx", "ONNX Runtime, fp32 graph", "fp32", "onnx", _onnx("onnx/model.onnx", "onnx"), ort_bench_options),
-    Backend("onnx-fp16", "ONNX Runtime, fp16 graph", "fp16", "fp16", _onnx("onnx/model_fp16.onnx", "fp16"),
+    Backend("onnx", "ONNX Runtime, fp32 graph", "fp32", "onnx", _onnx(GRAPHS["fp32"]), ort_bench_options),
+    Backend("onnx-fp16", "ONNX Runtime, fp16 graph", "fp16", "fp16", _onnx(GRAPHS["fp16"]),
             ort_bench_options),
-    Backend("onnx-int8", "ONNX Runtime, Q/DQ int8 graph", "int8", "int8", _onnx("onnx/model_int8.onnx", "int8"),
+    Backend("onnx-int8", "ONNX Runtime, Q/DQ int8 graph", "int8", "int8", _onnx(GRAPHS["int8"]),
             ort_bench_options),
     Backend("trt-fp16", "TensorRT engine built from the fp16 graph", "fp16", "trt", _trt("fp16"), trt_bench_options),
     Backend("trt-int8", "TensorRT engine built from the Q/DQ int8 graph", "int8", "trt", _trt("int8"), trt_bench_options),
@@ -99,7 +102,7 @@ def _check_against_manifest(root: Path, rel: str, stage: str) -> None:
     if not (root / rel).is_file():
         raise ArtifactError(f"{root} has no {rel}; export it: exportline export SOURCE --out {root} --stages {stage}")
     try:
-        files = json.loads((root / "manifest.json").read_text()).get("files", [])
+        files = json.loads((root / MANIFEST).read_text()).get("files", [])
     except (OSError, ValueError):
         return  # a folder without a manifest (made by hand) is still checked on activate
     for f in files:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
+from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.verify.runtime.base import Runner
 
@@ -25,7 +26,7 @@ _ORT_TYPES = {
     "tensor(int32)": np.int32,
 }
 # Which export stage writes a file of the onnx-community layout, for the "what next" hint.
-_STAGE_OF = {"model_fp16.onnx": "fp16", "model_int8.onnx": "int8"}
+_STAGE_OF = {Path(g.path).name: g.stage for g in GRAPHS.values()}
 
 
 def _reexport(path: Path) -> str:

@@ -107,10 +107,10 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             out = self.model(
                 input_ids=tensor("input_ids"), attention_mask=tensor("attention_mask"),
-                position_ids=tensor("position_ids"), past_key_values=cache, use_cache=True,
+                position_ids=tensor("position_ids"), cache=cache, use_cache=True,
             )
         result = {"logits": _to_numpy(out.logits)}
-        for i, layer in enumerate(out.past_key_values.layers):
+        for i, layer in enumerate(out.cache.layers):
             result[f"present.{i}.key"] = _to_numpy(layer.keys)
             result[f"present.{i}.value"] = _to_numpy(layer.values)
         return result

@@ -1,12 +1,20 @@
-"""llama2.c legacy (v0) `.bin` checkpoints → HF LlamaForCausalLM.
+"""llama2.c `.bin` checkpoints (export.py file versions 0, 1 and 2) → HF LlamaForCausalLM.
 
-The format is what karpathy/llama2.c `export.py` legacy_export writes and `run.c`
-memory_map_weights reads: a header of 7 little-endian int32 (dim, hidden_dim, n_layers,
-n_heads, n_kv_heads, vocab_size, max_seq_len; a negative vocab_size means the classifier
-is NOT shared with the embedding), then fp32 tensors, each kind for all layers in turn:
-token_embedding, attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, final norm, the
-RoPE tables freqs_cos and freqs_sin ([max_seq_len, head_dim/2] each, skipped: HF
-recomputes them), and the classifier when not shared. Read with numpy; no pickle.
+The formats are what karpathy/llama2.c `export.py` writes (run.c reads v0, runq.c v2):
+- v0 (legacy_export): a header of 7 little-endian int32 (dim, hidden_dim, n_layers,
+  n_heads, n_kv_heads, vocab_size, max_seq_len; a negative vocab_size means the classifier
+  is NOT shared with the embedding), then fp32 tensors, each kind for all layers in turn:
+  token_embedding, attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, final norm, the
+  RoPE tables freqs_cos and freqs_sin ([max_seq_len, head_dim/2] each, skipped: HF
+  recomputes them), and the classifier when not shared.
+- v1 (version1_export): a 256-byte header (uint32 magic "ak42", int32 version, the 7
+  params, uint8 shared_classifier, zero padding), then fp32 tensors in the order norms,
+  token_embedding, wq … w3, classifier when not shared; no RoPE tables.
+- v2 (version2_export): the v1 header plus int32 group_size right after the flag byte;
+  the norms in fp32, then every matrix (one per layer) as Q8_0: int8 values followed by
+  one fp32 scale per group. Read dequantised exactly as runq.c does (q * scale in fp32),
+  so the HF model and the verify reference both hold the dequantised weights.
+Read with numpy; no pickle.
 """
 
 from __future__ import annotations
@@ -22,10 +30,24 @@ from exportline.exporters.core.errors import SourceError
 from exportline.exporters.sources.base import CheckpointSource, Progress
 
 HEADER = struct.Struct("<7i")
-V1_MAGIC = 0x616B3432  # "ak42": export.py --version 1/2 files, which have a 256-byte header
+MAGIC = 0x616B3432  # "ak42": export.py version 1/2 files, which have a 256-byte header
+VERSIONED = struct.Struct("<Ii7iB")  # magic, version, the 7 params, shared_classifier
+GROUP_SIZE = struct.Struct("<i")  # v2 only, right after the flag byte (export.py packs it unaligned)
+VERSIONED_HEADER_BYTES = 256
+VERSIONS = (0, 1, 2)
 RMS_NORM_EPS = 1e-5  # llama2.c ModelArgs.norm_eps; run.c hard-codes 1e-5
 ROPE_THETA = 10000.0  # model.py precompute_freqs_cis and run.c
 REEXPORT = "re-export it with llama2.c: python export.py out.bin --version 0 --checkpoint ckpt.pt"
+PARAMS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
+NORMS = ("attention_norm", "ffn_norm", "norm")
+MATRICES = ("token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# Tensor order in each file version (wcls is appended when the classifier is not shared).
+FILE_ORDER = {
+    0: ("token_embedding", "attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "norm",
+        "freqs_cos", "freqs_sin"),
+    1: NORMS + MATRICES,
+    2: NORMS + MATRICES,
+}
 
 # llama2.c tensor → HF name inside `model.layers.{i}.`; None = not per layer.
 LAYER_MAP = {
@@ -54,65 +76,135 @@ class Llama2cHeader:
     vocab_size: int
     max_seq_len: int
     shared_classifier: bool
+    version: int = 0
+    group_size: int = 0  # v2: Q8_0 group size; 0 = fp32 weights
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """File order and shapes (leading n_layers for per-layer tensors)."""
+    @property
+    def header_bytes(self) -> int:
+        return HEADER.size if self.version == 0 else VERSIONED_HEADER_BYTES
+
+    @property
+    def weights_precision(self) -> str:
+        if self.version == 2:
+            return f"int8 (Q8_0, group size {self.group_size}; dequantised to fp32 as runq.c does)"
+        return "fp32"
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes by llama2.c name (leading n_layers for per-layer tensors)."""
         L, d, hd, h = self.n_layers, self.dim, self.head_dim, self.hidden_dim
-        shapes = [
-            ("token_embedding", (self.vocab_size, d)), ("attention_norm", (L, d)),
-            ("wq", (L, self.n_heads * hd, d)), ("wk", (L, self.n_kv_heads * hd, d)),
-            ("wv", (L, self.n_kv_heads * hd, d)), ("wo", (L, d, self.n_heads * hd)),
-            ("ffn_norm", (L, d)), ("w1", (L, h, d)), ("w2", (L, d, h)), ("w3", (L, h, d)),
-            ("norm", (d,)), ("freqs_cos", (self.max_seq_len, hd // 2)), ("freqs_sin", (self.max_seq_len, hd // 2)),
-        ]
-        if not self.shared_classifier:
-            shapes.append(("wcls", (self.vocab_size, d)))
-        return shapes
+        return {
+            "token_embedding": (self.vocab_size, d), "attention_norm": (L, d),
+            "wq": (L, self.n_heads * hd, d), "wk": (L, self.n_kv_heads * hd, d),
+            "wv": (L, self.n_kv_heads * hd, d), "wo": (L, d, self.n_heads * hd),
+            "ffn_norm": (L, d), "w1": (L, h, d), "w2": (L, d, h), "w3": (L, h, d),
+            "norm": (d,), "freqs_cos": (self.max_seq_len, hd // 2), "freqs_sin": (self.max_seq_len, hd // 2),
+            "wcls": (self.vocab_size, d),
+        }
+
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """File order and shapes."""
+        shapes = self.shapes()
+        names = FILE_ORDER[self.version] + (() if self.shared_classifier else ("wcls",))
+        return [(name, shapes[name]) for name in names]
+
+    def quantized(self, name: str) -> bool:
+        return self.version == 2 and (name in MATRICES or name == "wcls")
+
+    def tensor_bytes(self, name: str, shape: tuple[int, ...]) -> int:
+        n = int(np.prod(shape))
+        return n + 4 * (n // self.group_size) if self.quantized(name) else 4 * n
 
     def file_bytes(self) -> int:
-        return HEADER.size + 4 * sum(int(np.prod(s)) for _, s in self.tensor_shapes())
+        return self.header_bytes + sum(self.tensor_bytes(name, shape) for name, shape in self.tensor_shapes())
 
 
 def read_header(path: Path) -> Llama2cHeader:
     with open(path, "rb") as f:
-        raw = f.read(HEADER.size)
+        raw = f.read(VERSIONED_HEADER_BYTES)
     if raw[:4] == b"PK\x03\x04":
         raise SourceError(f"{path}: this is a PyTorch zip file, not a llama2.c .bin; pass a nanoGPT .pt "
                           "(rename it to .pt) or the HF folder it belongs to")
     if len(raw) < HEADER.size:
         raise SourceError(f"{path}: {len(raw)} bytes is shorter than the 28-byte llama2.c header; {REEXPORT}")
-    if struct.unpack("<I", raw[:4])[0] == V1_MAGIC:
-        raise SourceError(f"{path}: a llama2.c version 1/2 file (magic 'ak42'); only the legacy v0 layout is read; {REEXPORT}")
-    dim, hidden, layers, heads, kv_heads, vocab, seq = HEADER.unpack(raw)
-    values = {"dim": dim, "hidden_dim": hidden, "n_layers": layers, "n_heads": heads,
-              "n_kv_heads": kv_heads, "vocab_size": abs(vocab), "max_seq_len": seq}
+    if struct.unpack_from("<I", raw)[0] == MAGIC:
+        values, version, shared, group_size = _versioned_header(path, raw)
+    else:
+        dim, hidden, layers, heads, kv_heads, vocab, seq = HEADER.unpack_from(raw)
+        values = dict(zip(PARAMS, (dim, hidden, layers, heads, kv_heads, abs(vocab), seq)))
+        version, shared, group_size = 0, vocab > 0, 0
     bad = [k for k, v in values.items() if v <= 0]
+    dim, heads, kv_heads = values["dim"], values["n_heads"], values["n_kv_heads"]
     if bad or dim % heads or heads % kv_heads or (dim // heads) % 2:
-        raise SourceError(f"{path}: not a llama2.c v0 header ({values}: needs positive sizes, dim divisible by "
+        raise SourceError(f"{path}: not a llama2.c v{version} header ({values}: needs positive sizes, dim divisible by "
                           f"n_heads, n_heads by n_kv_heads, even head_dim); {REEXPORT}")
-    header = Llama2cHeader(**values, shared_classifier=vocab > 0)
+    header = Llama2cHeader(**values, shared_classifier=shared, version=version, group_size=group_size)
+    _check_groups(path, header)
     size = path.stat().st_size
     if size != header.file_bytes():
-        raise SourceError(f"{path}: header {values} (classifier {'shared' if vocab > 0 else 'separate'}) means "
+        raise SourceError(f"{path}: v{version} header {values} (classifier {'shared' if shared else 'separate'}) means "
                           f"{header.file_bytes()} bytes but the file has {size}; it is truncated or not a "
-                          f"llama2.c v0 file; {REEXPORT}")
+                          f"llama2.c v{version} file; {REEXPORT}")
     return header
 
 
+def _versioned_header(path: Path, raw: bytes) -> tuple[dict[str, int], int, bool, int]:
+    if len(raw) < VERSIONED_HEADER_BYTES:
+        raise SourceError(f"{path}: {len(raw)} bytes is shorter than the 256-byte llama2.c v1/v2 header; {REEXPORT}")
+    _, version, *params, shared = VERSIONED.unpack_from(raw)
+    if version not in VERSIONS[1:]:
+        raise SourceError(f"{path}: llama2.c file version {version} (magic 'ak42') is unknown; versions 0, 1 and 2 "
+                          f"are read; {REEXPORT}")
+    group_size = GROUP_SIZE.unpack_from(raw, VERSIONED.size)[0] if version == 2 else 0
+    return dict(zip(PARAMS, params)), version, bool(shared), group_size
+
+
+def _check_groups(path: Path, header: Llama2cHeader) -> None:
+    """export.py asserts every quantized matrix splits into whole groups; runq.c relies on it."""
+    if header.version != 2:
+        return
+    sizes = {name: _block_shape(shape)[1] for name, shape in header.tensor_shapes() if header.quantized(name)}
+    if header.group_size <= 0 or any(n % header.group_size for n in sizes.values()):
+        raise SourceError(f"{path}: llama2.c v2 group size {header.group_size} does not divide the matrices "
+                          f"({sizes}); the file is damaged; {REEXPORT}")
+
+
 def read_tensors(path: Path) -> tuple[Llama2cHeader, dict[str, np.ndarray]]:
-    """Header and read-only fp32 views into the file (np.memmap), by llama2.c name."""
+    """Header and fp32 tensors by llama2.c name: read-only views into the file (np.memmap)
+    for fp32 files, dequantised copies for v2's Q8_0 matrices."""
     header = read_header(path)
-    data = np.memmap(path, dtype="<f4", mode="r", offset=HEADER.size)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.header_bytes)
     tensors, at = {}, 0
     for name, shape in header.tensor_shapes():
-        n = int(np.prod(shape))
-        tensors[name] = data[at:at + n].reshape(shape)
-        at += n
+        size = header.tensor_bytes(name, shape)
+        raw = data[at:at + size]
+        tensors[name] = _dequantize(raw, shape, header) if header.quantized(name) else raw.view("<f4").reshape(shape)
+        at += size
     return header, tensors
+
+
+def _block_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(quantized blocks, values per block): a per-layer stack [L, rows, cols] is L blocks."""
+    return (shape[0], int(np.prod(shape[1:]))) if len(shape) == 3 else (1, int(np.prod(shape)))
+
+
+def _dequantize(raw: np.ndarray, shape: tuple[int, ...], header: Llama2cHeader) -> np.ndarray:
+    """Q8_0 blocks, one per layer for per-layer matrices (export.py quantizes each layer's
+    weight on its own): int8 values then fp32 scales; value * scale in fp32 as runq.c."""
+    blocks, n = _block_shape(shape)
+    gs = header.group_size
+    out = np.empty(shape, dtype=np.float32)
+    flat = out.reshape(blocks, n // gs, gs)
+    step = n + 4 * (n // gs)
+    for b in range(blocks):
+        block = raw[b * step:(b + 1) * step]
+        q = block[:n].view(np.int8).reshape(n // gs, gs)
+        scale = block[n:].view("<f4")
+        np.multiply(q.astype(np.float32), scale[:, None], out=flat[b])
+    return out
 
 
 def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -140,6 +232,16 @@ def to_hf_state(header: Llama2cHeader, tensors: dict[str, np.ndarray]) -> dict:
     return state
 
 
+def _stop_at_bos_too(dest: Path) -> None:
+    """run.c's generate() stops when the model emits BOS (llama2.c trains on stories that
+    each start with BOS and end without EOS), so greedy generation stops at EOS or BOS."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(dest, local_files_only=True)
+    generation.eos_token_id = [2, 1]
+    generation.save_pretrained(dest)
+
+
 def hf_config(header: Llama2cHeader):
     from transformers import LlamaConfig
 
@@ -160,19 +262,27 @@ class Llama2cSource(CheckpointSource):
     architecture = "llama"
 
     def own_tokenizer_plan(self) -> dict[str, Any]:
-        return {"kind": "none", "reason": "a llama2.c .bin carries no tokenizer (its tokenizer.bin is a separate "
-                                          "file in llama2.c's own format); pass --tokenizer tokenizer.json"}
+        return {"kind": "none", "reason": "a llama2.c .bin carries no tokenizer; pass the vocabulary it was trained "
+                                          "with: --tokenizer tokenizer.model (or llama2.c's tokenizer.bin)"}
+
+    def describe(self) -> dict[str, Any]:
+        """Adds the file version and the weights' stored precision: a v2 file's int8 weights
+        are dequantised, so every bound downstream is against the dequantised model."""
+        header = read_header(self.path)
+        return {**super().describe(), "file_version": header.version, "weights_precision": header.weights_precision}
 
     def write_hf(self, dest: Path, progress: Progress) -> dict[str, Any]:
         from exportline.exporters.sources.hf_writer import write_config_files, write_hf_weights
 
-        progress(f"hf: reading llama2.c checkpoint {self.path.name}")
         header, tensors = read_tensors(self.path)
+        progress(f"hf: read llama2.c v{header.version} checkpoint {self.path.name}, {header.weights_precision} weights")
         config = hf_config(header)
         tok_info = self.write_checked_tokenizer(dest, model_max_length=header.max_seq_len, vocab_size=header.vocab_size)
         state = to_hf_state(header, tensors)
         del tensors
         files = write_hf_weights(state, dest)
         write_config_files(config, dest)
+        _stop_at_bos_too(dest)
         return {"weights": files, "tokenizer": tok_info, "random_init": False,
-                "shared_classifier": header.shared_classifier, "header": asdict(header)}
+                "shared_classifier": header.shared_classifier, "header": asdict(header),
+                "file_version": header.version, "weights_precision": header.weights_precision}

@@ -20,6 +20,8 @@ class Llama2cReference(Reference):
         import torch
 
         self.h = header
+        if header.version == 2:  # the bound is then against the dequantised weights, as the manifest says
+            self.description = f"{self.description}; weights {header.weights_precision}"
         self.w = {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in tensors.items()
                   if not k.startswith("freqs_")}  # RoPE tables are recomputed in float64
 
@@ -59,7 +61,7 @@ class Llama2cReference(Reference):
             k = self._rope((t @ w["wk"][i].T).view(b, s, hdr.n_kv_heads, hd), pos)
             v = (t @ w["wv"][i].T).view(b, s, hdr.n_kv_heads, hd)
             k, v = (z.repeat_interleave(rep, dim=2) for z in (k, v))  # query head j reads kv head j // rep
-            y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+            y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask=mask)
             x = x + y.transpose(1, 2).reshape(b, s, -1) @ w["wo"][i].T
             t = self._rmsnorm(x, w["ffn_norm"][i])
             gate = t @ w["w1"][i].T

@@ -53,7 +53,7 @@ class NanoGPTReference(Reference):
             p = f"transformer.h.{i}."
             q, k, v = self._linear(self._layernorm(x, p + "ln_1"), p + "attn.c_attn").split(e, dim=2)
             heads = [t.view(b, s, h, e // h).transpose(1, 2) for t in (q, k, v)]
-            y = attention(*heads, mask).transpose(1, 2).reshape(b, s, e)
+            y = attention(*heads, attention_mask=mask).transpose(1, 2).reshape(b, s, e)
             x = x + self._linear(y, p + "attn.c_proj")
             m = self._linear(self._layernorm(x, p + "ln_2"), p + "mlp.c_fc")
             m = 0.5 * m * (1.0 + torch.erf(m / math.sqrt(2.0)))  # nn.GELU(): exact erf form
