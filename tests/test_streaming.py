@@ -78,5 +78,6 @@ def test_int8_holds_one_weight_whatever_the_depth(bundles, monkeypatch):
     # per writer: the largest float32 tensor and what it becomes (int8, or its smoothed float32 copy)
     bound = _WRITERS * 2 * _largest_weight(bundles[8])
     assert peak2 <= bound and peak8 <= bound, (peak2, peak8, bound)
-    assert _largest_weight(bundles[8]) == _largest_weight(bundles[2])  # the bound itself does not grow
-    assert peak8 <= 1.2 * peak2
+    # the bound itself does not grow with depth (how many of the writers hold a tensor at the
+    # same moment depends on thread timing, so the peaks are held to the bound, not to each other)
+    assert _largest_weight(bundles[8]) == _largest_weight(bundles[2])
