@@ -10,6 +10,7 @@ CARD = "README.md"  # the model card
 HUBCONF = "hubconf.py"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's config for the fp32 graph (consumer_files.py)
 REPORTS = "reports"
 VERIFY_JSON = f"{REPORTS}/verify.json"
 VERIFY_MD = f"{REPORTS}/verify.md"

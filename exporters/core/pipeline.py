@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from exportline.exporters.core.bundle import Bundle, _disk_hint, sha256_file
+from exportline.exporters.core.consumer_files import without_consumer_block, write_consumer_files
 from exportline.exporters.core.errors import ExportlineError, NotAvailable, OutputError, StageError
 from exportline.exporters.core.measure import measure
 
@@ -91,6 +92,9 @@ def _input_hashes(bundle: Bundle, rels: list[str], known: dict[str, dict]) -> di
         path = bundle.root / rel
         if not path.is_file():
             raise StageError(f"missing input {path}; run the stage that makes it first (see --stages)")
+        if rel == "config.json":  # the consumer block follows the graphs; no stage reads it
+            hashes[rel] = hashlib.sha256(without_consumer_block(path).encode()).hexdigest()
+            continue
         st = path.stat()
         old = known.get(rel)
         if old and old["bytes"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
@@ -146,6 +150,7 @@ def run_pipeline(
             record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
             ran.append(record)
             manifest.setdefault("stages", {})[stage.name] = record
+            write_consumer_files(bundle.root)  # transformers.js/genai configs name the graphs now present
             manifest = bundle.write_manifest(manifest)
             if record["status"] == "skipped" and stage.name in require:
                 raise NotAvailable(f"stage {stage.name} is required (--require) but {record['reason']}")

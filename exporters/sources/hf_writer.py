@@ -137,8 +137,11 @@ def translate_write_error(exc: Exception, path: Path) -> Exception:
 
 
 def write_config_files(config, dest: Path, *, dtype: str = "float32") -> None:
-    """config.json (dtype: how the weights are stored) and a greedy generation_config.json."""
+    """config.json (dtype: how the weights are stored) and a greedy generation_config.json;
+    then config.json and tokenizer_config.json made readable by transformers 4.x too (hf_compat)."""
     from transformers import GenerationConfig
+
+    from exportline.exporters.sources.hf_compat import make_portable
 
     config.dtype = dtype
     config.save_pretrained(dest)
@@ -147,6 +150,7 @@ def write_config_files(config, dest: Path, *, dtype: str = "float32") -> None:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         do_sample=False, max_length=max_length,
     ).save_pretrained(dest)
+    make_portable(dest)
 
 
 def load_config(folder: Path):

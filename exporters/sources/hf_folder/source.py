@@ -1,6 +1,6 @@
 """A Hugging Face model folder as a source: loaded with transformers (custom code only with
 --trust-remote-code) and re-saved at the bundle root as fp32 safetensors, its tokenizer
-files copied as they are."""
+files copied as they are (but for the v5-only tokenizer_class name, see hf_compat)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ class HFFolderSource(CheckpointSource):
         return model.eval()
 
     def write_hf(self, dest: Path, progress: Progress) -> dict[str, Any]:
+        from exportline.exporters.sources.hf_compat import make_portable
         from exportline.exporters.sources.hf_writer import SHARD_BYTES, quiet_transformers, translate_write_error
 
         progress(f"hf: loading HF folder {self.path.name}")
@@ -97,6 +98,7 @@ class HFFolderSource(CheckpointSource):
             raise
         except Exception as exc:  # safetensors reports I/O errors as SafetensorError
             raise translate_write_error(exc, dest) from None
+        make_portable(dest)  # after save_pretrained: transformers 4.x reads the same model
         files = sorted(p.name for p in dest.glob("model*.safetensors*"))
         return {"weights": files, "tokenizer": tok_info, "random_init": False,
                 "model_type": model.config.model_type, "trust_remote_code": self.trust_remote_code}
