@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from exportline.exporters.core.errors import ExportlineError
+from exportline.exporters.core.errors import ExportlineError, IntegrityError
 from exportline.exporters.core.measure import current_rss_bytes
 from exportline.verify.runtime.backends import BACKENDS
 
@@ -43,6 +43,8 @@ def open_backend(root: Path, backend: str, *, device: str, threads: int, factory
     try:
         runner = factory(root, backend, **options)
         runner.activate()
+    except IntegrityError:
+        raise  # files the manifest lists are broken: an error, not an absent backend
     except ExportlineError as exc:  # NotAvailable, ArtifactError, …: the registry says why
         opened.reason = str(exc)
         return opened

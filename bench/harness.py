@@ -73,10 +73,15 @@ class BackendRun:
 
 
 def _require_bundle(root: Path) -> Bundle:
+    from exportline.exporters.sources.custom.model import is_custom
+
     bundle = Bundle(root)
     if not bundle.manifest_path.is_file() or not (root / "config.json").is_file():
         raise ArtifactError(f"{root} is not an exported bundle (no manifest.json/config.json); "
                             f"export it first: exportline export MODEL --out {root}")
+    if is_custom(root):  # the workloads here are KV-cache prefill/decode of the built-in LMs
+        raise NotAvailable(f"{root} holds a custom module: benchmarking custom modules is not available yet "
+                           "(time its ONNX graphs with onnxruntime directly; see the card's 'How to use')")
     return bundle
 
 
@@ -84,6 +89,7 @@ def _load_model(root: Path):
     bundle = _require_bundle(root)
     from exportline.exporters.sources.hf_writer import load_config
 
+    bundle.require_intact(["config.json"], fast=True)
     config = load_config(root)  # a config file only: no code runs
     return bundle.read_manifest(), config
 
@@ -265,9 +271,11 @@ def bench_bundle(
     root = Path(root)
     cfg.check()
     old = load_report(baseline) if baseline else None
-    with _require_bundle(root).lock():
+    bundle = _require_bundle(root)
+    with bundle.lock():
         report = run_bench(root, cfg, factory=factory, progress=progress, command=command)
         comparison = compare(report, old, threshold=threshold, baseline_name=str(baseline)) if old else None
         report["baseline"] = comparison.to_dict() if comparison else None
         files = write_reports(report, root / "reports")
+        bundle.write_manifest(bundle.read_manifest(), only_under="reports/")
     return BenchOutcome(report, files, comparison)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exportline.deploy import card_custom
+from exportline.deploy.card_custom import is_custom
 from exportline.deploy.reports import BENCH_JSON, VERIFY_JSON, BenchSummary, VerifySummary, read_bench, read_verify
 from exportline.exporters.core.bundle import MANIFEST, Bundle
 from exportline.exporters.core.errors import ArtifactError
@@ -167,15 +169,19 @@ def render_card(inp: CardInputs) -> str:
 
 def sections(inp: CardInputs) -> dict[str, list[str]]:
     """The card's sections in order (SECTIONS), each as its lines."""
+    custom = is_custom(inp.manifest)  # the user's own module: remote code, declared I/O
     return {
-        "Model details": _details(inp), "Intended use and limitations": _intended_use(inp),
-        "How to use": _how_to_use(inp), "Evaluation": _evaluation(inp),
+        "Model details": _details(inp),
+        "Intended use and limitations": card_custom.intended_use(inp) if custom else _intended_use(inp),
+        "How to use": card_custom.how_to_use(inp) if custom else _how_to_use(inp), "Evaluation": _evaluation(inp),
         "Performance": _performance(inp), "Files": _files(inp),
     }
 
 
 def _summary_line(inp: CardInputs) -> str:
-    formats = ["Hugging Face folder"] + [label for rel, label in ONNX_VARIANTS.items() if inp.has(rel)]
+    labels = {**ONNX_VARIANTS, "onnx/model.onnx": "ONNX fp32"} if is_custom(inp.manifest) else ONNX_VARIANTS  # no KV cache
+    formats = ["Hugging Face folder (remote code)" if is_custom(inp.manifest) else "Hugging Face folder"]
+    formats += [label for rel, label in labels.items() if inp.has(rel)]
     if inp.engines():
         formats.append(f"{len(inp.engines())} TensorRT engine(s)")
     return f"Exported by exportline as: {', '.join(formats)}."

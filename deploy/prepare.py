@@ -8,36 +8,23 @@ unchanged bundle then finds nothing to commit.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exportline.deploy.card import README, load_inputs, render_card
-from exportline.deploy.torchhub import HUBCONF, hubconf_text
-from exportline.exporters.core.bundle import MANIFEST_FORMAT, Bundle, sha256_file, write_text_atomic
+from exportline.deploy.torchhub import hubconf_text
+from exportline.exporters.core.bundle import Bundle, manifest_text, stamped, write_text_atomic
 from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.core.layout import HUBCONF
 
 
-def stale_stage_outputs(bundle: Bundle, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+def stale_stage_outputs(bundle: Bundle, manifest: dict[str, Any], *, fast: bool = True) -> list[tuple[str, str]]:
     """(stage, path) of stage outputs whose bytes differ from what the stage recorded."""
-    known = {f["path"]: f for f in manifest.get("files", [])}
-    stale = []
-    for stage, record in manifest.get("stages", {}).items():
-        for rel in record.get("outputs", []) if record.get("status") == "done" else []:
-            old, path = known.get(rel), bundle.root / rel
-            if old is None:
-                continue
-            if not path.is_file():
-                stale.append((stage, rel))
-                continue
-            st = path.stat()
-            if st.st_size == old["bytes"] and st.st_mtime_ns == old.get("mtime_ns"):
-                continue  # same size and mtime: the recorded checksum still holds
-            if st.st_size != old["bytes"] or sha256_file(path) != old["sha256"]:
-                stale.append((stage, rel))
-    return stale
+    outputs = {rel: stage for stage, record in manifest.get("stages", {}).items()
+               if record.get("status") == "done" for rel in record.get("outputs", [])}
+    return [(outputs[c.path], c.path) for c in bundle.check(outputs, fast=fast, manifest=manifest) if not c.ok]
 
 
 def prepare_bundle(root: Path, **settings: Any) -> dict[str, Any]:
@@ -76,8 +63,7 @@ class Prepared:
         on_disk = bundle.read_manifest() if bundle.manifest_path.is_file() else {}
         if _same_but_stamp(on_disk, self.manifest, mtimes=False):
             return bundle.manifest_path.read_bytes()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return (json.dumps({**self.manifest, "format": MANIFEST_FORMAT, "updated": stamp}, indent=2) + "\n").encode()
+        return manifest_text(stamped(self.manifest)).encode()
 
 
 def plan_prepared(
@@ -97,8 +83,8 @@ def plan_prepared(
             f"restore it or re-run the stage: exportline export SOURCE --out {bundle.root} --stages {stage} --force"
         )
     manifest = _with_settings(manifest, datasets=datasets, license=license, base_model=base_model)
-    texts = {HUBCONF: hubconf_text()}
-    files = _with_texts(bundle.list_files(previous=manifest.get("files", [])), texts)
+    texts = {HUBCONF: hubconf_text(manifest)}
+    files = _with_texts(bundle.list_files(manifest), texts)
     texts[README] = render_card(load_inputs(bundle.root, manifest={**manifest, "files": files}, repo_id=repo_id))
     return Prepared({**manifest, "files": _with_texts(files, texts)}, texts)
 
@@ -128,7 +114,7 @@ def _with_settings(manifest: dict, *, datasets, license, base_model) -> dict:
 
 def _refresh(bundle: Bundle, manifest: dict) -> dict:
     """Write manifest.json only when something in it changes (its "updated" stamp aside)."""
-    files = bundle.list_files(previous=manifest.get("files", []))
+    files = bundle.list_files(manifest)
     on_disk = bundle.read_manifest() if bundle.manifest_path.is_file() else {}
     wanted = {**manifest, "files": files}
     if _same_but_stamp(on_disk, wanted):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from exportline.deploy.engines import EngineCheck, check_engines
 from exportline.deploy.hub import KEEP_REMOTE, REPO_ID, check_repo_id, hub_api, hub_errors, resolve_token
-from exportline.exporters.core.bundle import MANIFEST, Bundle, sha256_file
+from exportline.exporters.core.bundle import MANIFEST, Bundle, file_digests
 from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
 
 HUB_METADATA = ".cache"  # huggingface_hub's bookkeeping inside a local_dir download
@@ -94,9 +94,10 @@ def verify_download(root: Path, repo_id: str) -> tuple[dict[str, Any], list[str]
         raise ArtifactError(f"{unknown[0]} is in {repo_id} but not in its manifest.json (added after the push); "
                             "nothing was kept: ask the owner to re-push the bundle with exportline push")
     verified = []
+    digests = file_digests([root / rel for rel in present])
     for rel in sorted(present):
         want, path = listed[rel], root / rel
-        got = sha256_file(path)
+        got = digests[path]
         if path.stat().st_size != want["bytes"] or got != want["sha256"]:
             raise ArtifactError(
                 f"{rel} does not match manifest.json (sha256 {got[:16]}… instead of {want['sha256'][:16]}…): the file "

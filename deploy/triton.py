@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exportline.deploy.engines import EngineCheck, check_engine
-from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable, OutputError
 from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
 
@@ -62,10 +62,13 @@ class TritonModel:
 
 
 def layout_of(root: Path) -> KVLayout:
+    from exportline.exporters.sources.custom.model import is_custom
     from exportline.exporters.sources.hf_writer import load_config
 
     if not (Path(root) / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export the hf stage first: exportline export SOURCE --out {root}")
+    if is_custom(root):  # the Triton configs written here are the KV-cache LM ones
+        raise NotAvailable(f"{root} holds a custom module: the Triton handoff is not available for it yet")
     return KVLayout.from_config(load_config(root))
 
 
@@ -73,7 +76,11 @@ def onnx_io_types(path: Path) -> dict[str, str]:
     """Triton type of every graph input and output (the graph only; weights are not read)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError, or an OSError: the file is not a readable graph
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(exc).__name__}); re-export it: "
+                            f"exportline export SOURCE --out {path.parent.parent} --stages onnx --force") from None
     return {v.name: _TRITON_TYPES.get(v.type.tensor_type.elem_type, "TYPE_INVALID") for v in [*graph.input, *graph.output]}
 
 
@@ -142,6 +149,7 @@ def write_triton_repo(
         prefix = Path(plan).name.split(".")[0]
         precision = prefix if prefix in ONNX_BY_PRECISION else precision
     precision = precision or "fp32"
+    _require_intact(root, plan or ONNX_BY_PRECISION[precision])
     model = describe_model(root, backend=backend, name=name, onnx_rel=ONNX_BY_PRECISION[precision])
     final = out / name
     if final.exists():
@@ -245,6 +253,19 @@ def copy_file(src: Path, dest: Path) -> None:
 
 
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+
+
+def _require_intact(root: Path, artifact: str) -> None:
+    """What the handoff copies (and config.json, which shapes it) against manifest.json,
+    hashed: a Triton repository is a publication, so no size+mtime shortcut."""
+    from exportline.exporters.core.bundle import Bundle
+
+    bundle = Bundle(root)
+    if not bundle.manifest_path.is_file():
+        raise ArtifactError(f"{root} is not an exportline bundle (no manifest.json); export it first: "
+                            f"exportline export SOURCE --out {root}")
+    companion = artifact[: -len(".plan")] + ".json" if artifact.endswith(".plan") else artifact + "_data"
+    bundle.require_intact(["config.json", artifact, companion], fast=False)
 
 
 def _bundle_name(root: Path) -> str:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from exportline.deploy.prepare import prepare_bundle
 from exportline.exporters.core.bundle import Bundle, sha256_file
 
+from bundle_helpers import mismatched
+from deploy_bundle import rewrite_report
+
 REPO = "org/tiny"
 
 
@@ -51,7 +54,7 @@ def test_pull_by_tag_checks_every_file_and_loads(local_hub, deploy_bundle, tmp_p
                          env_token=local_hub.token).returncode == 0
     tagged = {f["path"]: f["sha256"] for f in Bundle(deploy_bundle).read_manifest()["files"]}
     bench = deploy_bundle / "reports" / "bench.json"
-    bench.write_text(bench.read_text().replace("2000.0", "2100.0"))  # main moves on past the tag
+    rewrite_report(deploy_bundle, "reports/bench.json", bench.read_text().replace("2000.0", "2100.0"))  # main moves on
     assert local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token).returncode == 0
 
     out = tmp_path / "pulled"
@@ -60,7 +63,7 @@ def test_pull_by_tag_checks_every_file_and_loads(local_hub, deploy_bundle, tmp_p
     got = {f["path"]: f["sha256"] for f in Bundle(out).read_manifest()["files"]}
     assert got == tagged  # the tag's files, not main's
     assert all(sha256_file(out / p) == s for p, s in got.items())
-    assert Bundle(out).check_files() == []  # a normal bundle: manifest and bytes agree
+    assert mismatched(out) == []  # a normal bundle: manifest and bytes agree
     assert not (out / ".cache").exists() and not (out / ".gitattributes").exists()
     assert "trt/fp16.sm90.trt10.13.0.plan: unusable: TensorRT not installed" in pulled.stdout
     assert f"exportline export {out} --stages trt" in pulled.stdout
@@ -137,7 +140,7 @@ def test_transient_lfs_upload_error_is_retried(local_hub, deploy_bundle):
 def test_concurrent_commit_is_not_overwritten(local_hub, deploy_bundle):
     assert local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token).returncode == 0
     bench = deploy_bundle / "reports" / "bench.json"
-    bench.write_text(bench.read_text().replace("800.0", "810.0"))
+    rewrite_report(deploy_bundle, "reports/bench.json", bench.read_text().replace("800.0", "810.0"))
     local_hub.state.before("commit", lambda state: state.direct_commit(REPO, "NOTES.md", b"edited in the web UI\n"))
     proc = local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token)
     assert proc.returncode != 0
@@ -150,7 +153,7 @@ def test_concurrent_commit_is_not_overwritten(local_hub, deploy_bundle):
 def test_token_looking_string_in_bundle_is_refused(local_hub, deploy_bundle):
     planted = "hf_" + "Q7" * 17
     notes = deploy_bundle / "reports" / "verify.md"
-    notes.write_text(notes.read_text() + f"\nlogin with {planted}\n")
+    rewrite_report(deploy_bundle, "reports/verify.md", notes.read_text() + f"\nlogin with {planted}\n")
     proc = local_hub.cli("push", str(deploy_bundle), "--repo-id", REPO, env_token=local_hub.token)
     assert proc.returncode != 0
     line = _error_line(proc)
@@ -217,7 +220,7 @@ def test_partial_push_pulls_as_a_bundle_missing_those_files(local_hub, deploy_bu
     pulled = local_hub.cli("pull", REPO, "--out", str(out), env_token=local_hub.token)
     assert pulled.returncode == 0, pulled.stderr
     assert "not in the repo (pushed with --include): onnx/model.onnx" in pulled.stdout
-    assert Bundle(out).check_files() == []
+    assert mismatched(out) == []
 
 
 def test_push_dataset_and_card_links_it(local_hub, deploy_bundle, tmp_path):

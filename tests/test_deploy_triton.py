@@ -15,7 +15,7 @@ from exportline.deploy.triton import write_triton_repo
 from exportline.exporters.core.errors import ArtifactError
 from exportline.exporters.core.shapes import KVLayout
 
-from deploy_bundle import ENGINE, exportline_cmd, write_standin_onnx
+from deploy_bundle import ENGINE, exportline_cmd, record_standins, write_standin_onnx
 
 
 def parse_config(path):
@@ -101,6 +101,7 @@ def test_tensorrt_handoff_enables_both_profiles(deploy_bundle, tmp_path):
 def test_onnx_missing_a_declared_tensor_is_refused(deploy_bundle, tmp_path):
     config = json.loads((deploy_bundle / "config.json").read_text())
     write_standin_onnx(deploy_bundle / "onnx" / "model.onnx", {**config, "num_hidden_layers": 1})
+    record_standins(deploy_bundle)  # as if the onnx stage had written it: the manifest agrees
     with pytest.raises(ArtifactError, match="has no tensor 'past_key_values.1.key'"):
         write_triton_repo(deploy_bundle, tmp_path / "repo")
     assert not (tmp_path / "repo" / "tiny").exists() and not list((tmp_path / "repo").glob(".*"))

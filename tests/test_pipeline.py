@@ -13,6 +13,8 @@ from exportline.exporters.core.errors import ConfigError, NotAvailable, OutputEr
 from exportline.exporters.core.pipeline import Stage, run_pipeline
 from exportline.exporters.stages import parse_stages
 
+from bundle_helpers import mismatched
+
 CALLS: list[str] = []
 
 
@@ -76,7 +78,7 @@ def test_records_and_manifest_checksums(tmp_path, fake_stages):
     for path, f in listed.items():
         assert f["sha256"] == sha256_file(bundle.root / path)
         assert f["bytes"] == (bundle.root / path).stat().st_size
-    assert bundle.check_files() == []
+    assert mismatched(bundle) == []
     assert not (bundle.root / ".exportline-tmp").exists()
 
 
@@ -141,3 +143,35 @@ def test_unknown_stage_lists_known():
     with pytest.raises(ConfigError, match="none given"):
         parse_stages("")
     assert [s.name for s in parse_stages("fp16, hf")] == ["hf", "fp16"]  # pipeline order
+
+
+def test_upstream_rewrite_drops_the_stale_downstream_stage(tmp_path, fake_stages):
+    bundle = Bundle(tmp_path / "b")
+    run_pipeline(bundle, FakeSource(), stages=[fake_stages.WRITE, fake_stages.DERIVE])
+
+    def _write_other(ctx):
+        (ctx.tmp / "data").mkdir()
+        (ctx.tmp / "data" / "a.bin").write_bytes(b"y" * 100)
+
+    run_pipeline(bundle, FakeSource(), stages=[Stage(name="write", run=_write_other, inputs=lambda ctx: [])], force=True)
+    manifest = bundle.read_manifest()
+    assert "derive" not in manifest["stages"] and not (bundle.root / "b.txt").exists()
+    assert {f["path"] for f in manifest["files"]} == {"data/a.bin"}
+
+
+def test_other_source_leaving_stages_behind_is_refused_unless_forced(tmp_path, fake_stages):
+    bundle = Bundle(tmp_path / "b")
+    run_pipeline(bundle, FakeSource("a"), stages=[fake_stages.WRITE, fake_stages.DERIVE])
+    with pytest.raises(OutputError, match="another source.*derive.*--force"):
+        run_pipeline(bundle, FakeSource("b"), stages=[fake_stages.WRITE])
+    assert bundle.read_manifest()["stages"]["derive"]["status"] == "done"  # refused before touching anything
+    run_pipeline(bundle, FakeSource("b"), stages=[fake_stages.WRITE], force=True)
+    manifest = bundle.read_manifest()
+    assert set(manifest["stages"]) == {"write"} and not (bundle.root / "b.txt").exists()
+    assert mismatched(bundle) == []
+
+
+def test_empty_stage_list_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="--stages is empty"):
+        run_pipeline(Bundle(tmp_path / "b"), FakeSource(), stages=[])
+    assert not (tmp_path / "b").exists()

@@ -10,6 +10,7 @@ import torch
 from exportline.exporters.sources import PresetSource, resolve_source
 from exportline.verify.suite import verify_bundle
 
+from bundle_helpers import rerecord
 from sources_fixtures import cli, error_line
 
 
@@ -39,6 +40,8 @@ def test_preset_weights_are_the_seeded_init_and_a_changed_tensor_fails(tmp_path)
     state["model.norm.weight"] = state["model.norm.weight"].clone()
     state["model.norm.weight"][3] = torch.nextafter(state["model.norm.weight"][3], torch.tensor(2.0))  # one ulp
     save_file(state, path, metadata={"format": "pt"})
+    # As if a faulty hf stage had written it: the manifest agrees, only the weights check can tell.
+    rerecord(tmp_path / "out")
     report = verify_bundle(tmp_path / "out", stages=["hf"])
     assert not report.passed and "weights" in report.first_failure()
 

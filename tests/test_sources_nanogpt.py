@@ -15,6 +15,7 @@ from exportline.verify.checks.hf import logit_cases
 from exportline.verify.reference import hf_logits, load_hf_model
 from exportline.verify.suite import verify_bundle
 
+from bundle_helpers import rerecord
 from sources_fixtures import cli, error_line, nanogpt_args, save_nanogpt, write_meta
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -122,6 +123,7 @@ def test_wrong_activation_is_caught_by_the_hf_check(tmp_path):
     assert code == 0, err
     cfg = tmp_path / "out" / "config.json"
     cfg.write_text(cfg.read_text().replace('"activation_function": "gelu"', '"activation_function": "gelu_new"'))
+    rerecord(tmp_path / "out")  # as if a faulty hf stage wrote it: only the numbers can tell
     report = verify_bundle(tmp_path / "out", stages=["hf"])
     assert not report.passed
     assert "logits" in report.first_failure() and "rel_l2" in report.first_failure()

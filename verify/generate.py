@@ -14,10 +14,13 @@ from typing import Callable
 
 import numpy as np
 
-from exportline.exporters.core.errors import ArtifactError, ConfigError
+from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
 from exportline.exporters.core.shapes import KVLayout
 from exportline.verify.cases import positions
 from exportline.verify.runtime.base import Runner
+
+# What generate reads besides the backend's own files (the runner checks those).
+METADATA = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -168,11 +171,18 @@ def generate_from_bundle(
         raise ConfigError("give prompts (--prompt TEXT) or token ids (--token-ids 1,2,3), not both or neither")
     if not (root / "config.json").is_file():
         raise ArtifactError(f"{root} has no config.json; export it first: exportline export SOURCE --out {root}")
+    from exportline.exporters.core.bundle import Bundle
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if is_custom(root):  # its graphs have no KV cache and its folder no tokenizer
+        raise NotAvailable(f"{root} holds a custom module: `exportline generate` is not available for it; use "
+                           "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).generate(...)")
+    Bundle(root).require_intact([n for n in METADATA if (root / n).exists()], fast=True)
     config = load_config(root)
     tokenizer = _tokenizer(root) if prompts else None
     if prompts and tokenizer is None:
         raise ConfigError(f"{root} has no tokenizer; pass token ids instead: --token-ids 1,2,3")
-    ids = [tokenizer.encode(p) for p in prompts] if tokenizer else token_ids
+    ids = [_encode(tokenizer, p) for p in prompts] if tokenizer else token_ids
     if any(t < 0 or t >= config.vocab_size for row in ids for t in row):
         raise ConfigError(f"token ids must be in [0, {config.vocab_size}) for this model")
     pad = _first_id(getattr(tokenizer, "pad_token_id", None), config.pad_token_id, config.eos_token_id, 0)
@@ -189,6 +199,24 @@ def generate_from_bundle(
         # One line per prompt on stdout: newlines inside the text are written as "\n".
         lines = [tokenizer.decode(p + t, skip_special_tokens=True).replace("\n", "\\n") for p, t in zip(ids, result.tokens)]
     return BundleGeneration(lines, result, tokenizer is not None)
+
+
+def _encode(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids; text that is not UTF-8, or that the vocabulary cannot spell (a
+    character-level vocabulary has no unknown token), is a ConfigError naming the culprit."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # argv bytes that were not UTF-8 arrive as lone surrogates
+        raise ConfigError(f"--prompt is not valid UTF-8 (byte 0x{ord(prompt[exc.start]) & 0xFF:02x} at character "
+                          f"{exc.start}); pass UTF-8 text or --token-ids") from None
+    try:
+        return tokenizer.encode(prompt)
+    except Exception as exc:  # tokenizers raises a bare Exception, e.g. "Missing [UNK] token"
+        vocab = tokenizer.get_vocab()
+        unknown = sorted({c for c in prompt if c not in vocab})
+        what = f"characters {''.join(unknown)!r}" if len(unknown) > 1 else (repr(unknown[0]) if unknown else "text")
+        raise ConfigError(f"--prompt has {what}, which this bundle's tokenizer cannot encode "
+                          f"({str(exc).splitlines()[0][:80]}); use characters of its vocabulary or --token-ids") from None
 
 
 def _tokenizer(root: Path):

@@ -76,6 +76,7 @@ class StageReport:
 class VerifyReport:
     stages: list[StageReport]
     environment: dict[str, str] = field(default_factory=dict)
+    files: list[dict[str, Any]] = field(default_factory=list)  # path, bytes, sha256 status: checked first
 
     @property
     def passed(self) -> bool:
@@ -103,7 +104,8 @@ class VerifyReport:
             raise VerificationFailed(f"verification failed: {failure}; see reports/verify.md")
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "environment": self.environment, "stages": [asdict(s) for s in self.stages]}
+        return {"passed": self.passed, "environment": self.environment, "files": self.files,
+                "stages": [asdict(s) for s in self.stages]}
 
     def write(self, reports_dir: Path) -> None:
         from exportline.exporters.core.bundle import write_text_atomic
@@ -114,6 +116,9 @@ class VerifyReport:
 
     def markdown(self) -> str:
         lines = ["# Verification report", "", f"Overall: **{'PASS' if self.passed else 'FAIL'}**", ""]
+        if self.files:
+            lines += ["## Files against manifest.json (sha256)", "", "| path | bytes | sha256 |", "|---|---|---|"]
+            lines += [f"| `{f['path']}` | {f['bytes']:,} | {f['status']} |" for f in self.files] + [""]
         for s in self.stages:
             lines += [f"## Stage `{s.stage}`: {s.status}", ""]
             if s.reference:

@@ -12,6 +12,8 @@ from exportline.verify.checks import CHECKS
 from exportline.verify.checks.context import CheckContext
 from exportline.verify.report import StageReport, VerifyReport
 
+OWN_REPORTS = ("reports/verify.json", "reports/verify.md")
+
 
 def verify_bundle(
     root: Path,
@@ -35,6 +37,7 @@ def verify_bundle(
         unknown = [n for n in stages or [] if n not in CHECKS]
         if unknown:
             raise ConfigError(f"unknown stage {unknown[0]!r}; stages with checks: {', '.join(CHECKS)}")
+        files = check_files_table(bundle, manifest, progress)
         thresholds = _merge_preset_thresholds(load_thresholds(), manifest)
         ctx = CheckContext(bundle.root, manifest, thresholds, progress=progress, options=dict(options or {}))
         names = stages if stages is not None else list(records)
@@ -52,10 +55,26 @@ def verify_bundle(
             reports.append(CHECKS[name](ctx))
         from exportline.exporters.core.doctor import environment_report
 
-        report = VerifyReport(reports, environment_report())
+        report = VerifyReport(reports, environment_report(), files=files)
         report.write(bundle.root / "reports")
         bundle.write_manifest(bundle.read_manifest(), only_under="reports/")
     return report
+
+
+def check_files_table(bundle: Bundle, manifest: dict, progress: Callable[[str], None]) -> list[dict]:
+    """Every file the manifest lists, hashed (verify vouches for the bundle, so no size+mtime
+    shortcut), reported as a table before any check runs; a mismatch stops verify. The
+    reports verify is about to rewrite are left out."""
+    mine = [f["path"] for f in manifest.get("files", []) if f["path"] not in OWN_REPORTS]
+    checks = bundle.check(mine, fast=False, manifest=manifest)
+    width = max((len(c.path) for c in checks), default=4)
+    progress(f"files: {len(checks)} listed in manifest.json, sha256 checked")
+    for c in checks:
+        progress(f"  {c.path:<{width}}  {c.bytes:>14,}  {'ok' if c.ok else c.status + ' mismatch: ' + c.detail}")
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        bundle.require_intact([bad[0].path])  # raises the one-line IntegrityError with the rebuild command
+    return [{"path": c.path, "bytes": c.bytes, "status": "ok" if c.ok else c.status} for c in checks]
 
 
 def _merge_preset_thresholds(thresholds: dict, manifest: dict) -> dict:

@@ -4,15 +4,18 @@ ExportlineError with a one-line message, which becomes `error: ...` and a non-ze
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from exportline.exporters.cli.options import ForceOpt, OutOpt, SetOpt, TrustOpt, err
-from exportline.exporters.core.errors import ExportlineError
+from exportline.exporters.core.errors import ConfigError, ExportlineError, Interrupted
 
 app = typer.Typer(
     name="exportline",
@@ -38,6 +41,38 @@ def export(
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to ship with a checkpoint that has none: tokenizer.json, a sentencepiece tokenizer.model or llama2.c's tokenizer.bin.")] = None,
     trust_remote_code: TrustOpt = False,
+    model_class: Annotated[Optional[str], typer.Option(
+        help="FILE.py:ClassName — export SOURCE (a state dict) as this nn.Module of yours. RUNS YOUR CODE: "
+             "importing FILE.py is the only place exportline executes user code, and only with this flag "
+             "(recorded in the manifest).", rich_help_panel="Your own nn.Module")] = None,
+    model_args: Annotated[Optional[Path], typer.Option(
+        help="YAML/JSON of constructor kwargs (default: model_args/config stored in the checkpoint).",
+        rich_help_panel="Your own nn.Module")] = None,
+    inputs: Annotated[Optional[Path], typer.Option(
+        help="Input spec YAML: dims (min/opt/max), inputs (dtype, shape, values|distribution), outputs. "
+             "Default for causal-lm: input_ids → logits.", rich_help_panel="Your own nn.Module")] = None,
+    task: Annotated[str, typer.Option(help="causal-lm (AutoModelForCausalLM, generate) or forward (AutoModel).",
+                                      rich_help_panel="Your own nn.Module")] = "causal-lm",
+    expect_params: Annotated[Optional[str], typer.Option(
+        help="Refuse a parameter count off this, e.g. 15.8M or 15.8M±5%, before anything is written.",
+        rich_help_panel="Your own nn.Module")] = None,
+    variants: Annotated[Optional[Path], typer.Option(
+        help="YAML with `variants:` name → {model_args, params}; use with --variant.",
+        rich_help_panel="Your own nn.Module")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Row of --variants to export.",
+                                                   rich_help_panel="Your own nn.Module")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        help="LoRA adapter: a PEFT adapter folder, or a .pth of lora_A/lora_B tensors (with --lora-alpha). "
+             "Written as adapter/ for peft.PeftModel.from_pretrained, or merged with --merge-adapter.",
+        rich_help_panel="Your own nn.Module")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="alpha of a .pth adapter.", rich_help_panel="Your own nn.Module")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="rank of a .pth adapter (checked against lora_A).",
+                                                     rich_help_panel="Your own nn.Module")] = None,
+    merge_adapter: Annotated[bool, typer.Option("--merge-adapter", help="Merge the adapter into the weights; every stage runs on the merged model.",
+                                                rich_help_panel="Your own nn.Module")] = False,
+    calibration_inputs: Annotated[Optional[Path], typer.Option(
+        help="int8 of a custom module: .npz of input arrays to calibrate on (default: sampled from the spec).",
+        rich_help_panel="Your own nn.Module")] = None,
 ) -> None:
     """Run the export pipeline for SOURCE into a bundle folder."""
     from exportline.exporters.core.bundle import Bundle
@@ -46,15 +81,30 @@ def export(
     from exportline.exporters.sources import resolve_source
     from exportline.exporters.stages import parse_stages
 
-    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    if calibration_data is not None and not calibration_data.is_file():
+        raise ConfigError(f"--calibration-data {calibration_data}: no such file; pass a UTF-8 text file")
+    if tokenizer is not None and not tokenizer.is_file():
+        raise ConfigError(f"--tokenizer {tokenizer}: no such file; pass a tokenizer.json (or tokenizer.model / tokenizer.bin for llama2.c)")
+    stage_list = parse_stages(stages)
+    custom = None
+    if model_class:
+        custom = {"model_class": model_class, "model_args": model_args, "inputs": inputs, "task": task,
+                  "expect_params": expect_params, "variants": variants, "variant": variant, "adapter": adapter,
+                  "lora_alpha": lora_alpha, "lora_rank": lora_rank, "merge_adapter": merge_adapter}
+    elif merge_adapter or any(v is not None for v in (model_args, inputs, expect_params, variants, variant, calibration_inputs,
+                                                      adapter, lora_alpha, lora_rank)):
+        raise ConfigError("--model-args, --inputs, --expect-params, --variants, --calibration-inputs and --adapter "
+                              "need --model-class FILE.py:Class")
+    src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                         custom=custom)
     bundle = Bundle(out or Path("out") / src.name)
     options = ExportOptions(
-        calibration_data=calibration_data, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
+        calibration_data=calibration_data, calibration_inputs=calibration_inputs, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
         trt_workspace_gib=trt_workspace_gib,
     )
     with err.status("exporting…") as status:
         result = run_pipeline(
-            bundle, src, stages=parse_stages(stages), options=options, force=force,
+            bundle, src, stages=stage_list, options=options, force=force,
             require=tuple(s.name for s in parse_stages(require, flag="--require")) if require else (),
             progress=lambda msg: (status.update(msg), err.print(msg)),
         )
@@ -109,13 +159,46 @@ _register_subcommands()
 
 
 def main() -> None:
+    """Every exception ends here as one `error:` line and a non-zero exit; `--debug`
+    (anywhere on the command line) or EXPORTLINE_DEBUG=1 adds the traceback."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("EXPORTLINE_DEBUG") == "1"
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
     # transformers/huggingface_hub draw tqdm bars on stderr; the CLI reports progress itself.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from exportline.exporters.core.bundle import forget_digests
+
+    forget_digests()  # each file is hashed once per command, and again by the next command
+    previous = signal.signal(signal.SIGINT, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         app()
     except ExportlineError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing half-written was left for a rerun to trust")
+        _fail(str(exc), exc.exit_code, debug)
+    except Interrupted:
+        err.print("interrupted; rerun to resume", highlight=False)
         sys.exit(130)
+    except Exception as exc:  # not one of ours: still one line, the traceback only on request
+        _fail(_unexpected(exc), 1, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted()
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _unexpected(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or first}; check that the path exists and is readable/writable"
+    return (f"unexpected {type(exc).__name__}{': ' + first if first else ''}; "
+            "rerun with --debug for the traceback and report it")

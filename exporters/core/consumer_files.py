@@ -101,7 +101,9 @@ def write_consumer_files(root: Path) -> list[str]:
     if not config_path.is_file():
         return []
     config = _read_config(config_path)
-    graphs = present_graphs(root)
+    # a custom module's graphs (declared I/O, no KV cache; config.json `exportline_io`, see
+    # sources/custom) are not what transformers.js or genai run: neither file is written
+    graphs = {} if "exportline_io" in config else present_graphs(root)
     changed = []
     wanted = dict(config)
     wanted.pop(JS_CONFIG_KEY, None)

@@ -7,6 +7,11 @@ prints it and exits non-zero; a traceback is shown only for errors outside this 
 from __future__ import annotations
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT), raised by the CLI's handler. A BaseException, so that no `except
+    Exception` swallows it while every `finally` and temp-folder cleanup still runs."""
+
+
 class ExportlineError(Exception):
     """Base class; the message is shown to the user as-is."""
 
@@ -41,6 +46,11 @@ class NotAvailable(ExportlineError):
 
 class ArtifactError(ExportlineError):
     """A bundle file is missing, truncated or does not match its manifest checksum."""
+
+
+class IntegrityError(ArtifactError):
+    """A file manifest.json lists is missing, truncated, or its sha256 differs: the bundle
+    breaks its promise, so no command uses it (an absent optional artifact is NotAvailable)."""
 
 
 class VerificationFailed(ExportlineError):

@@ -17,9 +17,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from exportline.exporters.core.bundle import Bundle, _disk_hint, sha256_file
+from exportline.exporters.core.bundle import Bundle, _disk_hint, file_digests
 from exportline.exporters.core.consumer_files import without_consumer_block, write_consumer_files
-from exportline.exporters.core.errors import ExportlineError, NotAvailable, OutputError, StageError
+from exportline.exporters.core.errors import (
+    ConfigError,
+    ExportlineError,
+    IntegrityError,
+    NotAvailable,
+    OutputError,
+    StageError,
+)
 from exportline.exporters.core.measure import measure
 
 
@@ -41,6 +48,7 @@ class ExportOptions:
     enter its fingerprint. None means the stage's own default."""
 
     calibration_data: Path | None = None  # int8: text to calibrate on
+    calibration_inputs: Path | None = None  # int8 of a custom module: .npz of inputs (default: sampled from its spec)
     opset: int | None = None  # onnx
     trt_max_batch: int | None = None
     trt_max_sequence: int | None = None
@@ -86,33 +94,30 @@ def tool_versions(dists: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-def _input_hashes(bundle: Bundle, rels: list[str], known: dict[str, dict]) -> dict[str, str]:
-    hashes = {}
+def _input_hashes(bundle: Bundle, rels: list[str], manifest: dict[str, Any]) -> dict[str, str]:
+    """The inputs' checksums, each checked against the manifest (export publishes nothing,
+    so a file whose size and mtime are unchanged keeps its recorded checksum)."""
     for rel in rels:
-        path = bundle.root / rel
-        if not path.is_file():
-            raise StageError(f"missing input {path}; run the stage that makes it first (see --stages)")
-        if rel == "config.json":  # the consumer block follows the graphs; no stage reads it
-            hashes[rel] = hashlib.sha256(without_consumer_block(path).encode()).hexdigest()
-            continue
-        st = path.stat()
-        old = known.get(rel)
-        if old and old["bytes"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            hashes[rel] = old["sha256"]
-        else:
-            hashes[rel] = sha256_file(path)
-    return hashes
+        if not (bundle.root / rel).is_file():
+            raise StageError(f"missing input {bundle.root / rel}; run the stage that makes it first (see --stages)")
+    listed = {f["path"]: f for f in manifest.get("files", [])}
+    for c in bundle.check(rels, fast=True, manifest=manifest):
+        if not c.ok:
+            raise IntegrityError(f"input {bundle.root / c.path} {c.detail}, which differs from manifest.json: changed "
+                                 f"since it was written; rebuild it: {bundle.rebuild_command(manifest, c.path)}")
+    hashes = {rel: listed[rel]["sha256"] for rel in rels if rel in listed}
+    unlisted = [rel for rel in rels if rel not in listed]
+    digests = file_digests([bundle.root / rel for rel in unlisted])
+    hashes.update({rel: digests[bundle.root / rel] for rel in unlisted})
+    if "config.json" in hashes:  # the consumer block follows the graphs; no stage reads it
+        hashes["config.json"] = hashlib.sha256(without_consumer_block(bundle.root / "config.json").encode()).hexdigest()
+    return {rel: hashes[rel] for rel in rels}
 
 
-def _outputs_intact(bundle: Bundle, record: dict, known: dict[str, dict]) -> bool:
-    for rel in record.get("outputs", []):
-        path, old = bundle.root / rel, known.get(rel)
-        if old is None or not path.is_file():
-            return False
-        st = path.stat()
-        if st.st_size != old["bytes"] or st.st_mtime_ns != old.get("mtime_ns"):
-            return False
-    return True
+def _outputs_intact(bundle: Bundle, record: dict, manifest: dict[str, Any]) -> bool:
+    outputs = record.get("outputs", [])
+    listed = {f["path"] for f in manifest.get("files", [])}
+    return all(rel in listed for rel in outputs) and all(c.ok for c in bundle.check(outputs, fast=True, manifest=manifest))
 
 
 @dataclass
@@ -138,13 +143,18 @@ def run_pipeline(
     the bundle.
     """
     options = options or ExportOptions()
+    if not stages:
+        raise ConfigError("--stages is empty; name at least one stage, e.g. --stages hf,onnx")
     ran = []
+    bundle.require_own_folder()
     with bundle.lock():
         bundle.clean_tmp()
-        manifest = bundle.read_manifest()
+        manifest = _replace_other_source(bundle, bundle.read_manifest(), source, stages=[s.name for s in stages], force=force,
+                                         progress=progress)
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest["name"] = source.name
         manifest["source"] = source.describe()
+        manifest["source_fingerprint"] = source.fingerprint()
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for stage in stages:
             record = _run_stage(bundle, source, stage, manifest=manifest, options=options, force=force, progress=progress)
@@ -154,18 +164,19 @@ def run_pipeline(
             manifest = bundle.write_manifest(manifest)
             if record["status"] == "skipped" and stage.name in require:
                 raise NotAvailable(f"stage {stage.name} is required (--require) but {record['reason']}")
+        manifest = _drop_stale_stages(bundle, manifest, ran=[s.name for s in stages], progress=progress)
         bundle.clean_tmp()
     return PipelineResult(manifest=manifest, ran=ran)
 
 
 def _run_stage(
-    bundle: Bundle, source: Source, stage: Stage, *, manifest: dict[str, Any],     options: ExportOptions, force: bool, progress: Callable[[str], None],
+    bundle: Bundle, source: Source, stage: Stage, *, manifest: dict[str, Any], options: ExportOptions, force: bool,
+    progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    known = {f["path"]: f for f in manifest.get("files", [])}
     ctx = StageContext(bundle=bundle, source=source, tmp=bundle.root, options=options, progress=progress)
     stage_options = stage.options(options)
     versions = tool_versions(("exportline", *stage.versions))
-    inputs = _input_hashes(bundle, stage.inputs(ctx), known)
+    inputs = _input_hashes(bundle, stage.inputs(ctx), manifest)
     fingerprint = hashlib.sha256(
         json.dumps(
             {"stage": stage.name, "source": source.fingerprint(), "options": stage_options,
@@ -180,7 +191,7 @@ def _run_stage(
     previous = manifest.get("stages", {}).get(stage.name)
     if (
         not force and previous and previous.get("status") == "done"
-        and previous.get("fingerprint") == fingerprint and _outputs_intact(bundle, previous, known)
+        and previous.get("fingerprint") == fingerprint and _outputs_intact(bundle, previous, manifest)
     ):
         progress(f"{stage.name}: unchanged, skipped (use --force to rerun)")
         return {**previous, "status": "done", "cached": True}
@@ -201,7 +212,11 @@ def _run_stage(
             raise
         raise translated from None
     share_like_umask(ctx.tmp)
-    outputs = bundle.commit(ctx.tmp)
+    try:
+        outputs = bundle.commit(ctx.tmp)
+    except OSError as exc:
+        bundle.clean_tmp()
+        raise _user_error(stage.name, exc) from None
     _remove_stale(bundle, previous, outputs)
     progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
     return {
@@ -241,3 +256,65 @@ def _remove_stale(bundle: Bundle, previous: dict | None, outputs: list[str]) -> 
     for rel in (previous or {}).get("outputs", []):
         if rel not in outputs:
             (bundle.root / rel).unlink(missing_ok=True)
+
+
+def _replace_other_source(bundle: Bundle, manifest: dict, source: Source, *, stages: list[str], force: bool,
+                          progress) -> dict:
+    """A bundle of another source keeps nothing of the old model: stages this run does not
+    redo would stay recorded as done for the old weights, so they are refused, or with
+    --force deleted (with the reports) before anything runs."""
+    old = manifest.get("source_fingerprint")
+    if old is None or old == source.fingerprint():
+        return manifest
+    left = [n for n, r in manifest.get("stages", {}).items() if n not in stages and r.get("status") == "done"]
+    if left and not force:
+        raise OutputError(
+            f"{bundle.root} holds an export of another source ({_source_label(manifest.get('source') or {})}) whose "
+            f"stage {', '.join(left)} this run would leave behind; pass --force to delete them, add them to --stages, "
+            "or choose another --out"
+        )
+    kept = {n: r for n, r in manifest.get("stages", {}).items() if n in stages}
+    doomed = set(bundle.owned_paths(manifest)) - {rel for r in kept.values() for rel in r.get("outputs", [])}
+    for rel in doomed:
+        (bundle.root / rel).unlink(missing_ok=True)
+    if left:
+        progress(f"removed stage {', '.join(left)} of the previous source ({_source_label(manifest.get('source') or {})})")
+    return bundle.write_manifest({**manifest, "stages": kept})
+
+
+def _source_label(described: dict) -> str:
+    return str(described.get("path") or described.get("preset") or described.get("kind") or "unknown")
+
+
+def _digest_now(bundle: Bundle, files: dict[str, str], rel: str) -> str | None:
+    """A stage input's checksum as _input_hashes takes it (config.json without the consumer block)."""
+    if rel == "config.json" and rel in files and (bundle.root / rel).is_file():
+        return hashlib.sha256(without_consumer_block(bundle.root / rel).encode()).hexdigest()
+    return files.get(rel)
+
+
+def _drop_stale_stages(bundle: Bundle, manifest: dict, *, ran: list[str], progress) -> dict:
+    """A recorded stage not run now whose inputs changed since it ran (an upstream stage
+    rewrote them) describes files that no longer follow from the bundle: its outputs and
+    record go, and so, in turn, those of the stages that read them."""
+    files = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
+    stages = dict(manifest.get("stages", {}))
+    dropped = True
+    while dropped:  # until nothing changes: a dropped stage's outputs are the next stage's inputs
+        dropped = False
+        for name, record in list(stages.items()):
+            if name in ran or record.get("status") != "done":
+                continue
+            changed = [rel for rel, digest in record.get("inputs", {}).items() if _digest_now(bundle, files, rel) != digest]
+            if not changed:
+                continue
+            for rel in record.get("outputs", []):
+                (bundle.root / rel).unlink(missing_ok=True)
+                files.pop(rel, None)
+            del stages[name]
+            dropped = True
+            progress(f"{name}: removed: its input {changed[0]} changed; rerun it with --stages {name}")
+    if stages == manifest.get("stages", {}):
+        return manifest
+    write_consumer_files(bundle.root)  # the configs no longer name the removed graphs
+    return bundle.write_manifest({**manifest, "stages": stages})

@@ -47,8 +47,9 @@ def source_label(source: dict[str, Any]) -> str:
     return f"{kind} {name or '?'}" + (f" ({details})" if details else "")
 
 
-def io_convention(layout: KVLayout) -> str:
-    """The graph's I/O in shapes.py's names and dims, one entry per name pattern (layer i)."""
+def io_convention(layout) -> str:
+    """The graph's I/O in shapes.py's names and dims, one entry per name pattern (layer i);
+    a custom module's declared I/O (shapes.DeclaredIO) as declared."""
     def entries(specs) -> list[str]:
         seen: dict[str, str] = {}
         for spec in specs:
@@ -56,11 +57,14 @@ def io_convention(layout: KVLayout) -> str:
             seen.setdefault(pattern, f"{pattern}[{', '.join(str(d) for d in spec.dims)}]")
         return list(seen.values())
 
+    if not isinstance(layout, KVLayout):
+        return (f"inputs: {'; '.join(entries(layout.inputs()))} | outputs: {'; '.join(entries(layout.outputs()))} "
+                "| declared by the export's --inputs (custom module, no KV cache)")
     return (f"inputs: {'; '.join(entries(layout.inputs()))} | outputs: {'; '.join(entries(layout.outputs()))} "
             f"| i = 0..{layout.num_layers - 1}; optimum / transformers.js causal-LM-with-past names")
 
 
-def graph_metadata(*, source: dict[str, Any], precision: str, layout: KVLayout, made_by: list[str]) -> dict[str, str]:
+def graph_metadata(*, source: dict[str, Any], precision: str, layout, made_by: list[str]) -> dict[str, str]:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     return {
@@ -101,5 +105,10 @@ def stamp_derived(model, *, ctx, precision: str, step: str, parent: Path) -> Non
     from transformers import AutoConfig
 
     chain = made_by(onnx.load(str(parent), load_external_data=False)) or [f"{parent.name} (no exportline metadata)"]
-    layout = KVLayout.from_config(AutoConfig.from_pretrained(str(ctx.bundle.root)))
+    from exportline.exporters.sources.custom.model import bundle_io, is_custom
+
+    if is_custom(ctx.bundle.root):
+        layout = bundle_io(ctx.bundle.root)[0]
+    else:
+        layout = KVLayout.from_config(AutoConfig.from_pretrained(str(ctx.bundle.root)))
     stamp(model, graph_metadata(source=ctx.source.describe(), precision=precision, layout=layout, made_by=[*chain, step]))

@@ -1,4 +1,5 @@
-"""Model sources (DESIGN.md §3): a preset, a nanoGPT .pt, a llama2.c .bin or an HF folder.
+"""Model sources (DESIGN.md §3): a preset, a nanoGPT .pt, a llama2.c .bin, an HF folder, or
+the user's own nn.Module (`custom`, chosen by --model-class rather than by suffix).
 
 Each source kind is one folder here plus one `SourceKind` record in SOURCE_KINDS: how a
 command-line SOURCE is recognised, the class that reads it (describe, fingerprint,
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exportline.exporters.core.errors import ConfigError, SourceError
-from exportline.exporters.core.presets import Preset, config_dir, load_preset, preset_names
+from exportline.exporters.core.presets import ParamExpectation, Preset, config_dir, load_preset, preset_names
 from exportline.exporters.sources.base import CheckpointSource
+from exportline.exporters.sources.custom import CustomSource, custom_source
 from exportline.exporters.sources.hf_folder.source import HFFolderSource
 from exportline.exporters.sources.llama2c.convert import Llama2cSource
 from exportline.exporters.sources.llama2c.reference import Llama2cReference
@@ -42,10 +44,9 @@ SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
                NanoGPTReference.from_checkpoint),
     SourceKind("llama2c", "llama2.c export.py .bin", Llama2cSource, (".bin",), Llama2cReference.from_checkpoint),
     SourceKind("hf", "a Hugging Face model folder", HFFolderSource),
+    SourceKind("custom", "your own nn.Module: --model-class FILE.py:Class + a state dict", CustomSource),
 )}
 SUFFIX_KINDS = {suffix: kind.name for kind in SOURCE_KINDS.values() for suffix in kind.suffixes}  # a folder is "hf"
-
-SUFFIX_KINDS = {".pt": "nanogpt", ".pth": "nanogpt", ".ckpt": "nanogpt", ".bin": "llama2c"}
 
 
 def checkpoint_source(path: Path, **options: Any) -> CheckpointSource:
@@ -64,12 +65,20 @@ def checkpoint_source(path: Path, **options: Any) -> CheckpointSource:
 
 def resolve_source(
     spec: str, overrides: dict[str, Any] | None = None, *,
-    tokenizer: Path | None = None, trust_remote_code: bool = False,
+    tokenizer: Path | None = None, trust_remote_code: bool = False, custom: dict[str, Any] | None = None,
 ):
-    """A preset name, or a path to a checkpoint file or HF folder."""
+    """A preset name, or a path to a checkpoint file or HF folder; with `custom` (the
+    --model-class options, see sources/custom) a state dict for the user's own module."""
+    if custom is not None:
+        if tokenizer or trust_remote_code or overrides:
+            raise ConfigError("--tokenizer, --trust-remote-code and --set do not apply with --model-class")
+        return custom_source(Path(spec), **custom)
     options = {"tokenizer_file": tokenizer, "trust_remote_code": trust_remote_code}
     path = Path(spec)
     if path.suffix or "/" in spec or path.exists():
+        if overrides:
+            raise ConfigError(f"--set changes presets; {spec} is a checkpoint, whose config is its own: drop --set "
+                              "(or export a preset, e.g. exportline export tiny --set model.num_hidden_layers=4)")
         return checkpoint_source(path, **options)
     preset = load_preset(spec, overrides)
     if preset.checkpoint:
@@ -79,6 +88,9 @@ def resolve_source(
     if tokenizer or trust_remote_code:
         raise ConfigError(f"preset {spec} is a random init with its own BPE tokenizer; --tokenizer and "
                           "--trust-remote-code apply to checkpoint sources")
+    if preset.expect_params:
+        ParamExpectation.parse(preset.expect_params, where=f"preset {preset.name} expect_params").check(
+            preset.parameter_count(), what=f"preset {preset.name}")
     return PresetSource(preset)
 
 

@@ -89,10 +89,11 @@ class CheckpointSource:
         if info["kind"] != "none":
             from transformers import AutoTokenizer
 
-            count = len(AutoTokenizer.from_pretrained(dest))
-            if count > vocab_size:
-                raise SourceError(f"the tokenizer has {count} tokens but the model only {vocab_size} embeddings; "
-                                  "pass the tokenizer the model was trained with")
+            tok = AutoTokenizer.from_pretrained(dest)
+            count, top = len(tok), max(tok.get_vocab().values(), default=-1)
+            if count > vocab_size or top >= vocab_size:
+                raise SourceError(f"the tokenizer has {count} tokens but the model only {vocab_size} embeddings "
+                                  f"(largest token id {top}); pass the tokenizer the model was trained with")
         return info
 
     def write_tokenizer(self, dest: Path, model_max_length: int) -> dict[str, Any]:

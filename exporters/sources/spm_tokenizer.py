@@ -27,11 +27,13 @@ SPM_FILES = (".model", ".bin")
 
 
 def model_pb2():
-    """transformers' ModelProto (sentencepiece's own when installed, else the copy bundled
-    with transformers; both need protobuf, which onnx already depends on)."""
-    from transformers.convert_slow_tokenizer import import_protobuf
+    """The ModelProto bundled with transformers, whatever sentencepiece is installed:
+    sentencepiece 0.2.3's own module is generated for protobuf 7 and refuses the protobuf 6
+    that tritonclient pins (constraints.txt); transformers' copy loads on protobuf >= 4,
+    which onnx already depends on."""
+    from transformers.utils import sentencepiece_model_pb2_new
 
-    return import_protobuf()
+    return sentencepiece_model_pb2_new
 
 
 def read_spm_model(path: Path):

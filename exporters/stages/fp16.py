@@ -217,9 +217,10 @@ def _shapes_from_dims():
         float16.make_value_info_from_tensor = original
 
 
-def convert(model) -> tuple[Any, dict[str, Any]]:
+def convert(model, *, keep_io: tuple[str, ...] = KEEP_FLOAT32_IO) -> tuple[Any, dict[str, Any]]:
     """float32 ModelProto (with value_info) → mixed-precision ModelProto and the facts of it.
-    The converter edits `model` in place: do not use it afterwards."""
+    `keep_io`: graph inputs/outputs that stay float32. The converter edits `model` in place:
+    do not use it afterwards."""
     from collections import Counter
 
     from onnx import TensorProto
@@ -228,7 +229,7 @@ def convert(model) -> tuple[Any, dict[str, Any]]:
     index = GraphIndex(model.graph)
     norms, angles = norm_nodes(index), angle_nodes(index)
     casts_before = sum(n.op_type == "Cast" for n in model.graph.node)
-    keep_io = [o.name for o in model.graph.output if o.name in KEEP_FLOAT32_IO]
+    keep_io = [v.name for v in (*model.graph.input, *model.graph.output) if v.name in keep_io]
     _drop_initializer_value_info(model.graph)
     with _shapes_from_dims():
         converted = convert_float_to_float16(
@@ -272,7 +273,7 @@ def _run_from_onnx(ctx: StageContext) -> dict[str, Any]:
     model = load_graph(source, weights=False)
     external = {t.name: t.data_type for t in model.graph.initializer if t.name in external_slices(model, source)}
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
-    converted, facts = convert(model)
+    converted, facts = convert(model, keep_io=_float32_io(ctx, model))
     del model
     import onnxruntime
 
@@ -374,6 +375,16 @@ def _overflow_facts(ctx: StageContext, overflow: dict[str, int]) -> dict[str, An
                      f"float16's range and were clamped to ±{FLOAT16_MAX:g} (most in {first}); "
                      "check `exportline verify` before shipping model_fp16.onnx")
     return {"float16_overflow": {"clamped_values": sum(overflow.values()), "tensors": dict(sorted(overflow.items()))}}
+
+
+def _float32_io(ctx: StageContext, model) -> tuple[str, ...]:
+    """A custom module keeps its declared float inputs and outputs float32 (its callers feed
+    and read the dtypes the spec declares; there is no KV cache to halve)."""
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if not is_custom(ctx.bundle.root):
+        return KEEP_FLOAT32_IO
+    return tuple(v.name for v in (*model.graph.input, *model.graph.output))
 
 
 def _inputs(ctx: StageContext) -> list[str]:

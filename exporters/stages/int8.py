@@ -55,6 +55,7 @@ TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
+QUANTIZER = "exportline Q/DQ insertion with onnxruntime.quantization's functions, weights streamed"
 
 
 class KVCalibrationReader:
@@ -177,27 +178,16 @@ def _quiet():
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
-    source = ctx.bundle_file(SOURCE)
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if is_custom(ctx.bundle.root):
+        return _run_declared(ctx)
     layout, max_positions = _layout(ctx)
     text = calibration_path(ctx.options.calibration_data)
     split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
-    scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
-    target = ctx.tmp / TARGET
-    try:
-        model, facts, quantized = _smooth_and_quantize(ctx, source, chunks, layout=layout, scratch=scratch)
-        problems = qdq_form_problems(model, base_dir=quantized.parent)
-        if problems:
-            raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
-        topological_sort(model.graph)
-        import onnxruntime
-
-        stamp_derived(model, ctx=ctx, precision="int8", parent=source,
-                      step=f"exportline SmoothQuant + Q/DQ insertion with onnxruntime {onnxruntime.__version__} quantization functions")
-        files = save_streamed(model, quantized, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    check_graph(target)
+    ctx.progress(f"int8: calibrating on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    model, facts, files = _quantized(ctx, lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe))
     feeds = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
@@ -205,26 +195,76 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         "calibration": {**split.describe(), "sequences": len(chunks), "feeds": feeds,
                         "decode_steps_per_batch": DECODE_STEPS,
                         "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
-        "files": [f"onnx/{f}" for f in files],
-        "quantizer": "exportline Q/DQ insertion with onnxruntime.quantization's functions, weights streamed",
+        "files": [f"onnx/{f}" for f in files], "quantizer": QUANTIZER,
     }
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, chunks, *, layout, scratch: Path):
+def _run_declared(ctx: StageContext) -> dict[str, Any]:
+    """A custom module: calibrated on inputs sampled from its declared I/O or on
+    --calibration-inputs; everything else as for the built-in LMs."""
+    from exportline.exporters.precision.declared_calibration import DeclaredCalibrationReader, declared_feeds
+    from exportline.exporters.sources.custom.model import bundle_io
+
+    io, _ = bundle_io(ctx.bundle.root)
+    feeds = declared_feeds(io, ctx.options.calibration_inputs)
+    ctx.progress(f"int8: calibrating on {len(feeds)} feeds ({'--calibration-inputs' if ctx.options.calibration_inputs else 'sampled from the input spec'})")
+    model, facts, files = _quantized(ctx, lambda path, observe: DeclaredCalibrationReader(path, feeds, observe=observe))
+    fed = facts.pop("calibration_feeds")
+    return {
+        **qdq_summary(model), **facts,
+        "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
+        "calibration": {"feeds": fed, "inputs": str(ctx.options.calibration_inputs or "sampled from the input spec"),
+                        "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
+        "files": [f"onnx/{f}" for f in files], "quantizer": QUANTIZER,
+    }
+
+
+def _quantized(ctx: StageContext, make_reader: Callable):
+    """(Q/DQ graph without its weights, facts, files written): the weights live in the
+    scratch folder until the int8 graph is written, so it is written before scratch goes."""
+    scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
+    try:
+        model, facts, quantized = _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader=make_reader,
+                                                       scratch=scratch)
+        return model, facts, _write(ctx, model, quantized)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(ctx: StageContext, model, quantized: Path) -> list[str]:
+    """The form check (weights read from `quantized`'s folder one at a time), then the int8
+    graph streamed from there into the bundle's model_int8.onnx_data."""
+    import onnxruntime
+
+    problems = qdq_form_problems(model, base_dir=quantized.parent)
+    if problems:
+        raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
+    topological_sort(model.graph)
+    stamp_derived(model, ctx=ctx, precision="int8", parent=ctx.bundle_file(SOURCE),
+                  step=f"exportline SmoothQuant + Q/DQ insertion with onnxruntime {onnxruntime.__version__} quantization functions")
+    target = ctx.tmp / TARGET
+    files = save_streamed(model, quantized, target)
+    check_graph(target)
+    return files
+
+
+def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callable, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a streamed copy →
     Q/DQ graph; the graphs are held without their weights, which are read one at a time.
+    `make_reader(path, observe)` gives the calibration reader (see KVCalibrationReader).
     Returns the Q/DQ graph (weightless), the facts, and the path its weights are under."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
     if not nodes:
-        raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize; re-export it with the onnx stage")
+        raise StageError(f"int8: {SOURCE} has no MatMul with a weight initializer to quantize (no Linear layers?); "
+                         "leave int8 out: --stages hf,onnx,fp16")
     groups = find_groups(graph, set(nodes))
     channels = activation_channels(graph, nodes)
-    ctx.progress(f"int8: calibrating {len(nodes)} MatMuls on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
+    ctx.progress(f"int8: {len(nodes)} MatMuls to quantize")
     readers = []
 
     def run(path, observe):
-        readers.append(KVCalibrationReader(path, chunks, layout, observe=observe))
+        readers.append(make_reader(path, observe))
         readers[-1].drain()
 
     with _quiet():
@@ -318,12 +358,18 @@ def _options(opts: ExportOptions) -> dict[str, Any]:
     given = opts.calibration_data
     path = calibration_path(given)
     # absolute, so `exportline verify` finds the held-out text from any working directory
+    npz = opts.calibration_inputs  # custom modules: arrays instead of text
     return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),
-            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS}
+            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS,
+            **({"calibration_inputs": str(Path(npz).resolve()), "calibration_inputs_sha256": file_sha256(Path(npz))} if npz else {})}
 
 
 def _inputs(ctx: StageContext) -> list[str]:
     # tokenizer.json only when present: without one the stage is skipped as not available
+    from exportline.exporters.sources.custom.model import is_custom
+
+    if is_custom(ctx.bundle.root):
+        return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json"]
     tokenizer = ["tokenizer.json"] if (ctx.bundle.root / "tokenizer.json").is_file() else []
     return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE), "config.json", *tokenizer]
 

@@ -18,7 +18,7 @@ from typing import Any
 from exportline.exporters.core.bundle import sha256_file
 from exportline.exporters.core.errors import ConfigError, NotAvailable, StageError
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
-from exportline.exporters.core.shapes import KVLayout
+from exportline.exporters.core.shapes import KVLayout, optimization_profiles
 from exportline.exporters.tensorrt.engines import (
     ENGINE_SOURCES,
     Target,
@@ -157,6 +157,27 @@ def build_engine(trt, *, onnx_path: Path, profiles, workspace_bytes: int, timing
     return plan, {"inputs": inputs, "outputs": outputs}
 
 
+def _profiles(ctx: StageContext, opts: dict[str, Any]):
+    """(profiles, max past + sequence): a built-in LM's prefill/decode profiles, or a custom
+    module's one profile from its declared dim ranges (shapes.DeclaredIO; --trt-max-* do not apply)."""
+    from exportline.exporters.sources.custom.model import bundle_io, is_custom
+
+    if is_custom(ctx.bundle.root):
+        io, _ = bundle_io(ctx.bundle.root)
+        return optimization_profiles(io), None
+    from exportline.exporters.sources.hf_writer import load_config
+
+    config = load_config(ctx.bundle.root)  # config.json only; no weights are read
+    max_sequence = opts["max_sequence"] or default_max_sequence(config)
+    if max_sequence > config.max_position_embeddings:
+        raise ConfigError(
+            f"--trt-max-sequence {max_sequence} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}; pass at most that"
+        )
+    layout = KVLayout.from_config(config)
+    return engine_profiles(layout, max_batch=opts["max_batch"], max_sequence=max_sequence), max_sequence
+
+
 def _run(ctx: StageContext) -> dict[str, Any]:
     target = local_target()  # NotAvailable("TensorRT not installed" | "no CUDA GPU") → skipped
     trt = load_tensorrt()
@@ -169,17 +190,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             f"trt builds from {' or '.join(ENGINE_SOURCES.values())}, and {ctx.bundle.root} has neither; "
             f"make them first: exportline export SOURCE --out {ctx.bundle.root} --stages fp16,int8"
         )
-    from exportline.exporters.sources.hf_writer import load_config
-
-    config = load_config(ctx.bundle.root)  # config.json only; no weights are read
-    max_sequence = opts["max_sequence"] or default_max_sequence(config)
-    if max_sequence > config.max_position_embeddings:
-        raise ConfigError(
-            f"--trt-max-sequence {max_sequence} exceeds the model's max_position_embeddings "
-            f"{config.max_position_embeddings}; pass at most that"
-        )
-    layout = KVLayout.from_config(config)
-    profiles = engine_profiles(layout, max_batch=opts["max_batch"], max_sequence=max_sequence)
+    profiles, max_sequence = _profiles(ctx, opts)
     cache = timing_cache_path(ctx.options, target)
     workspace = int(opts["workspace_gib"] * 2**30)
     (ctx.tmp / "trt").mkdir(parents=True, exist_ok=True)

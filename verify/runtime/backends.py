@@ -6,13 +6,13 @@ checks and the benchmark use, so the names are the same everywhere.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from exportline.exporters.core.bundle import Bundle
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable
-from exportline.exporters.core.layout import GRAPHS, MANIFEST, Graph
+from exportline.exporters.core.layout import GRAPHS, Graph
 from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.exporters.tensorrt.engines import find_engine, local_target
 from exportline.verify.runtime.base import Runner
@@ -34,6 +34,7 @@ class Backend:
 
 
 def _torch(root: Path, **options: Any) -> Runner:
+    Bundle(root).require_intact(hf_files(root), fast=True)
     return TorchRunner(root, **options)
 
 
@@ -57,7 +58,9 @@ def _trt(precision: str) -> Callable[..., Runner]:
             target = local_target()
         except NotAvailable as exc:
             raise NotAvailable(f"backend trt-{precision}: not available: {exc}") from None
-        find_engine(root, precision, target)  # fail fast: no engine, or one built for another GPU/TensorRT
+        plan, _ = find_engine(root, precision, target)  # fail fast: no engine, or one built for another GPU/TensorRT
+        rel = plan.relative_to(root).as_posix()
+        Bundle(root).require_intact([rel, rel[: -len(".plan")] + ".json"], fast=True)
         return TrtRunner(root, precision)
 
     return make
@@ -73,6 +76,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("trt-fp16", "TensorRT engine built from the fp16 graph", "fp16", "trt", _trt("fp16"), trt_bench_options),
     Backend("trt-int8", "TensorRT engine built from the Q/DQ int8 graph", "int8", "trt", _trt("int8"), trt_bench_options),
 )}
+
+
+def hf_files(root: Path) -> list[str]:
+    """The HF folder at the bundle root (config, weights, tokenizer): what transformers reads."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name not in ("manifest.json", "README.md", "hubconf.py")) if Path(root).is_dir() else []
 
 
 def backend_help() -> str:
@@ -97,18 +106,9 @@ def make_runner(bundle_root: Path | str, backend: str, **options: Any) -> Runner
 
 
 def _check_against_manifest(root: Path, rel: str, stage: str) -> None:
-    """Presence and size against the manifest: a cheap truncation check (hashing gigabytes
-    is the deploy checks' job); the runner parses the file itself when it activates."""
+    """The graph and its external data against manifest.json (size + mtime may vouch for a
+    recorded checksum: running a backend publishes nothing); a missing file the manifest
+    does not list is an absent stage, one it lists is a broken bundle."""
+    Bundle(root).require_intact([rel, rel + "_data"], fast=True)
     if not (root / rel).is_file():
         raise ArtifactError(f"{root} has no {rel}; export it: exportline export SOURCE --out {root} --stages {stage}")
-    try:
-        files = json.loads((root / MANIFEST).read_text()).get("files", [])
-    except (OSError, ValueError):
-        return  # a folder without a manifest (made by hand) is still checked on activate
-    for f in files:
-        path = root / f.get("path", "")
-        if f.get("path") in (rel, rel + "_data") and path.is_file() and path.stat().st_size != f.get("bytes"):
-            raise ArtifactError(
-                f"{path} has {path.stat().st_size} bytes but the manifest records {f.get('bytes')}: truncated or "
-                f"changed since export; re-export: exportline export SOURCE --out {root} --stages {stage} --force"
-            )

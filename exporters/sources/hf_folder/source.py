@@ -4,7 +4,9 @@ files copied as they are (but for the v5-only tokenizer_class name, see hf_compa
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,24 @@ TOKENIZER_FILES = (
 TRUST_HINT = "pass --trust-remote-code if you trust the folder's Python files"
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json as a dict; invalid bytes, invalid JSON or another JSON type is a SourceError."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SourceError(f"{path} is not valid UTF-8 JSON ({str(exc).splitlines()[0][:120] or 'empty'}); "
+                          "re-save the model with save_pretrained") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type", ""), str):
+        raise SourceError(f"{path} is not a transformers config (a JSON object with model_type); "
+                          "re-save the model with save_pretrained")
+    return config
+
+
 @dataclass
 class HFFolderSource(CheckpointSource):
     kind = "hf"
@@ -29,15 +49,13 @@ class HFFolderSource(CheckpointSource):
         if not (self.path / "config.json").is_file():
             raise SourceError(f"{self.path}: a folder without config.json is not an HF model folder; "
                               "pass a folder saved with save_pretrained, a nanoGPT .pt or a llama2.c .bin")
+        read_config(self.path)  # a broken config.json is refused here, before anything is written
         if not any(self.path.glob("*.safetensors")) and not any(self.path.glob("pytorch_model*.bin")):
             raise SourceError(f"{self.path}: no *.safetensors or pytorch_model*.bin weights in the folder; "
                               "save the model with save_pretrained first")
 
     def describe(self) -> dict[str, Any]:
-        import json
-
-        config = json.loads((self.path / "config.json").read_text())
-        return {**super().describe(), "architecture": config.get("model_type", "unknown")}
+        return {**super().describe(), "architecture": read_config(self.path).get("model_type", "unknown")}
 
     def own_tokenizer_plan(self) -> dict[str, Any]:
         files = [n for n in TOKENIZER_FILES if (self.path / n).is_file()]
@@ -73,7 +91,11 @@ class HFFolderSource(CheckpointSource):
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             hint = TRUST_HINT if "trust_remote_code" in str(exc) else "check that it is a causal LM saved with save_pretrained"
             raise SourceError(f"{self.path}: transformers cannot load it as a causal LM ({first[:200]}); {hint}") from None
-        except (OSError, SafetensorError, RuntimeError) as exc:
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met a class or function
+            raise SourceError(f"{self.path}: refused to load pytorch_model*.bin, unpickling it would run code "
+                              f"({str(exc).splitlines()[0][:120]}); re-save the weights as safetensors where you trust "
+                              "the file: model.save_pretrained(DIR, safe_serialization=True)") from None
+        except (OSError, SafetensorError, RuntimeError, EOFError, IndexError, struct.error) as exc:
             raise SourceError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:200]}); "
                               "check that the weight files are complete") from None
         bad = list(info.get("missing_keys") or []) + [str(m) for m in info.get("mismatched_keys") or []]
