@@ -24,7 +24,7 @@ from exportline.deploy.scan import find_secret_bytes, refuse_secrets
 from exportline.exporters.core.bundle import MANIFEST, REGENERATED, Bundle, sha256_file
 from exportline.exporters.core.errors import ArtifactError, ConfigError, HubError
 
-GROUPS = ("hf", "onnx", "trt", "reports")
+GROUPS = ("hf", "onnx", "trt", "reports", "training")  # training/: nanoGPT optimizer state (--with-training-state)
 ALWAYS = (README, MANIFEST)  # the card and the checksums travel with every push
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; not a bundle file
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -59,7 +59,7 @@ class PushResult:
 
 def group_of(rel: str) -> str:
     head = rel.split("/", 1)[0] if "/" in rel else ""
-    return head if head in ("onnx", "trt", "reports") else "hf"
+    return head if head in GROUPS else "hf"
 
 
 def parse_include(text: str | None) -> tuple[str, ...]:

@@ -66,14 +66,15 @@ def pull_bundle(
     return PullResult(repo_id, revision, commit, out, len(files), sum(f["bytes"] for f in files), missing, engines)
 
 
-def _download(repo_id: str, revision: str, dest: Path, *, token: str | None, progress: Callable[[str], None]) -> str:
+def _download(repo_id: str, revision: str, dest: Path, *, token: str | None, progress: Callable[[str], None],
+              allow_patterns: list[str] | None = None) -> str:
     """snapshot_download pinned to the commit `revision` resolves to; returns that commit."""
     from huggingface_hub import snapshot_download
 
     with hub_errors(f"pulling {repo_id}", repo_id, "run the same command again"):
         commit = hub_api(token).repo_info(repo_id, revision=revision).sha
         progress(f"downloading {repo_id}@{revision} (commit {commit[:12]})")
-        snapshot_download(repo_id, revision=commit, local_dir=dest, token=token)
+        snapshot_download(repo_id, revision=commit, local_dir=dest, token=token, allow_patterns=allow_patterns)
     shutil.rmtree(dest / HUB_METADATA, ignore_errors=True)
     for rel in KEEP_REMOTE:
         (dest / rel).unlink(missing_ok=True)
@@ -136,3 +137,47 @@ def bundle_or_pull(
     progress(f"pulling {arg}@{commit[:12]} into {dest}")
     pull_bundle(arg, out=dest, revision=commit, token=token, progress=progress)
     return dest
+
+
+# What to-checkpoint reads: the weights, their config and the training state; not ONNX/TRT.
+CHECKPOINT_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                       "training/*", MANIFEST]
+
+
+@dataclass
+class PulledCheckpoint:
+    repo_id: str
+    revision: str
+    commit: str
+    files: int  # downloaded and checked against manifest.json
+    checkpoint: Any  # exporters.checkpoint_writer.WrittenCheckpoint
+
+
+def pull_checkpoint(
+    repo_id: str, *, out: Path, format: str, revision: str | None = None, token: str | None = None,
+    progress: Callable[[str], None] = lambda m: None,
+) -> PulledCheckpoint:
+    """`pull --to-checkpoint`: only the files a training checkpoint needs, each checked against
+    the manifest, turned into `out` (e.g. nanoGPT's ckpt.pt); the download is then removed."""
+    from exportline.exporters.core.errors import ConfigError
+    from exportline.exporters.sources.checkpoint_writer import FORMATS, write_checkpoint
+
+    check_repo_id(repo_id)
+    if format not in FORMATS:
+        raise ConfigError(f"--to-checkpoint {format!r}: formats are {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; with --to-checkpoint give the checkpoint file, e.g. out/ckpt.pt")
+    revision = revision or "main"
+    tmp = out.parent / f".{out.name}.pull-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        commit = _download(repo_id, revision, tmp, token=resolve_token(token), progress=progress,
+                           allow_patterns=CHECKPOINT_PATTERNS)
+        progress("checking the downloaded files against manifest.json")
+        verify_download(tmp, repo_id)
+        written = write_checkpoint(tmp, out, format=format)
+        files = sum(1 for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PulledCheckpoint(repo_id, revision, commit, files, written)

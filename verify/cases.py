@@ -88,7 +88,10 @@ def decode(name: str, rng: np.random.Generator, vocab: int, *, prefix: Case) -> 
 
 def build_cases(layout: KVLayout, *, seed: int = 0, long: int = LONG) -> list[Case]:
     """Batch 1 and 3; prefill 1 and `long`; a left-padded batch; decode after a past of
-    0, 1 and `long` (the last one left-padded)."""
+    0, 1 and `long` (the last one left-padded). `long` shrinks to fit the model's
+    positions: the decode after it sits at position `long`, so at most max_positions - 1
+    (nanoGPT's block_size 64 gets 63, not an index past its position table)."""
+    long = layout.fit(long, used=1)
     if long < 4:
         raise ConfigError(f"the long case length must be ≥ 4 (got {long}); DESIGN.md §6 asks ≥ 64")
     rng = np.random.default_rng(seed)

@@ -49,6 +49,7 @@ class Generation:
     decode_s: float
     decode_steps: int  # forward passes after the prefill
     step_s: list[float] = field(default_factory=list)
+    window_prefills: int = 0  # steps that re-prefilled a context cropped to the position table
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -90,17 +91,24 @@ def generate(
     pad_token_id: int = 0,
     sampling: Sampling = Sampling(),
 ) -> Generation:
-    """Generate up to `max_new_tokens` per prompt with an activated `runner`."""
+    """Generate up to `max_new_tokens` per prompt with an activated `runner`.
+
+    Past the model's positions: a learned position table (GPT-2 / nanoGPT) has no entry
+    for the next position, so the context is cropped to its last max_positions tokens
+    as nanoGPT's sample.py does, and that window is prefilled afresh (its positions start
+    at 0 again, so no cached key is valid); a rotary model is refused up front."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be ≥ 1 (got {max_new_tokens})")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rng = np.random.default_rng(sampling.seed)
     ids, mask = left_pad(prompts, pad_token_id)
+    check_positions(layout, ids.shape[1], max_new_tokens)
     batch = ids.shape[0]
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), **empty_past(layout, batch)}
+    feed = _window(layout, ids, mask)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     step_s: list[float] = []
+    windows = 0
     for step in range(max_new_tokens):
         start = time.perf_counter()
         out = runner.infer(feed)
@@ -112,11 +120,16 @@ def generate(
         if done.all() or step == max_new_tokens - 1:
             break
         nxt = np.where(done, pad_token_id, nxt).astype(np.int64)
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        position = feed["position_ids"][:, -1:] + 1
+        if layout.max_positions is not None and int(position.max()) >= layout.max_positions:
+            feed, windows = _window(layout, ids, mask), windows + 1
+            continue
         feed = {
             "input_ids": nxt[:, None],
-            "attention_mask": mask,
-            "position_ids": feed["position_ids"][:, -1:] + 1,
+            "attention_mask": np.concatenate([feed["attention_mask"], np.ones((batch, 1), dtype=np.int64)], axis=1),
+            "position_ids": position,
             **{p: out[q] for p, q in zip(layout.past_names(), layout.present_names())},
         }
     return Generation(
@@ -127,7 +140,30 @@ def generate(
         decode_s=float(sum(step_s[1:])),
         decode_steps=len(step_s) - 1,
         step_s=step_s,
+        window_prefills=windows,
     )
+
+
+def check_positions(layout: KVLayout, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, before any work, a rotary model asked past its positions (the last new
+    token is never fed, so prompt + new - 1 positions are used). Learned tables crop."""
+    limit = layout.max_positions
+    need = prompt_len + max_new_tokens - 1
+    if limit is None or layout.learned_positions or need <= limit:
+        return
+    fix = (f"use --max-new-tokens {limit - prompt_len + 1} or fewer" if prompt_len <= limit
+           else f"shorten the prompt to at most {limit} tokens")
+    raise ConfigError(f"a prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {need} positions but the "
+                      f"model has max_position_embeddings {limit}; rotary positions past it were never trained "
+                      f"(llama2.c's run.c stops there too): {fix}")
+
+
+def _window(layout: KVLayout, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """A prefill feed of the last max_positions columns (all of them when they fit)."""
+    if layout.max_positions is not None and ids.shape[1] > layout.max_positions:
+        ids, mask = ids[:, -layout.max_positions:], mask[:, -layout.max_positions:]
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
+            **empty_past(layout, ids.shape[0])}
 
 
 def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -186,11 +222,17 @@ def generate_from_bundle(
     if any(t < 0 or t >= config.vocab_size for row in ids for t in row):
         raise ConfigError(f"token ids must be in [0, {config.vocab_size}) for this model")
     pad = _first_id(getattr(tokenizer, "pad_token_id", None), config.pad_token_id, config.eos_token_id, 0)
+    layout = KVLayout.from_config(config)
+    width = max(len(row) for row in ids)
+    check_positions(layout, width, max_new_tokens)  # before any model loads
+    if layout.max_positions is not None and width + max_new_tokens - 1 > layout.max_positions:
+        progress(f"generate: past {layout.max_positions} positions (learned position table) the context is cropped "
+                 f"to its last {layout.max_positions} tokens and prefilled again each step, as nanoGPT's sample.py does")
     runner = make_runner(root, backend)
     progress(f"generate: {runner.name}, {len(ids)} prompt(s), up to {max_new_tokens} new tokens")
     with runner:
         result = generate(
-            runner, ids, layout=KVLayout.from_config(config), max_new_tokens=max_new_tokens,
+            runner, ids, layout=layout, max_new_tokens=max_new_tokens,
             eos_token_id=_eos(root, config), pad_token_id=pad, sampling=sampling,
         )
     if tokenizer is None:

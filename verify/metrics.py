@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -44,3 +44,59 @@ def compare(out: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None,
         cosine=float(np.dot(out.ravel(), ref.ravel()) / (out_norm * ref_norm)) if out_norm and ref_norm else 1.0,
         top1=agree,
     )
+
+
+@dataclass
+class LogitAgreement:
+    """A candidate's logits against reference logits, accumulated batch by batch in float64
+    (a 1B model's held-out logits do not fit in memory twice over as float64).
+
+    `decided top-1` is the argmax agreement over positions the reference has decided: its
+    top-1 − top-2 margin exceeds `z`·√2·σ, σ being the candidate's per-logit error (its
+    rel_l2 × rms of the reference), capped at the rel_l2 bound: the noise of the candidate,
+    but never more than a passing candidate may have, so a broken candidate cannot shrink
+    the set below what the bound allows (and fails the rel_l2 bound anyway). Random-init
+    logits are near-flat, so plain top-1 mostly measures ties."""
+
+    diff2: float = 0.0
+    ref2: float = 0.0
+    out2: float = 0.0
+    dot: float = 0.0
+    count: int = 0
+    margins: list = field(default_factory=list)
+    agree: list = field(default_factory=list)
+
+    def add(self, out: np.ndarray, ref: np.ndarray) -> None:
+        out = np.asarray(out, dtype=np.float64).reshape(-1, np.shape(out)[-1])
+        ref = np.asarray(ref, dtype=np.float64).reshape(-1, np.shape(ref)[-1])
+        self.diff2 += float(np.square(out - ref).sum())
+        self.ref2 += float(np.square(ref).sum())
+        self.out2 += float(np.square(out).sum())
+        self.dot += float((out * ref).sum())
+        self.count += ref.size
+        top2 = np.partition(ref, -2, axis=-1)[:, -2:]
+        self.margins.append(top2[:, 1] - top2[:, 0])
+        self.agree.append(out.argmax(-1) == ref.argmax(-1))
+
+    @property
+    def shape(self) -> list[int]:
+        """[positions, vocabulary] seen so far."""
+        positions = sum(len(m) for m in self.margins)
+        return [positions, self.count // positions if positions else 0]
+
+    def metrics(self, *, rel_l2_bound: float, z: float) -> dict[str, float | None]:
+        if not self.margins:  # nothing comparable was produced: every bound fails on None
+            return dict.fromkeys(("rel_l2", "cosine", "top1", "decided_top1", "decided_positions", "decided_fraction"))
+        margins, agree = np.concatenate(self.margins), np.concatenate(self.agree)
+        rel_l2 = float(np.sqrt(self.diff2 / self.ref2)) if self.ref2 else float(np.sqrt(self.diff2))
+        sigma = min(rel_l2, rel_l2_bound) * float(np.sqrt(self.ref2 / self.count))
+        decided = margins > z * np.sqrt(2.0) * sigma
+        norms = np.sqrt(self.out2 * self.ref2)
+        return {
+            "rel_l2": rel_l2,
+            "cosine": self.dot / norms if norms else 1.0,
+            "top1": float(agree.mean()),
+            "decided_top1": float(agree[decided].mean()) if decided.any() else None,
+            "decided_positions": float(decided.sum()),
+            "decided_fraction": float(decided.mean()),
+        }

@@ -13,7 +13,7 @@ from exportline.exporters.core.errors import VerificationFailed
 from exportline.verify.metrics import compare
 
 # Metrics where larger is better; every other bound is an upper limit.
-_AT_LEAST = {"top1", "cosine", "identical_fraction"}
+_AT_LEAST = {"top1", "cosine", "identical_fraction", "decided_top1", "decided_positions"}
 
 
 @dataclass
@@ -134,7 +134,7 @@ class VerifyReport:
                     bound = ", ".join(f"{k} {'≥' if k in _AT_LEAST else '≤'} {v:g}" for k, v in r.bounds.items())
                     lines.append(
                         f"| {r.case} | {r.output} | {'×'.join(map(str, r.shape))} | {vals} | {bound} | "
-                        f"{'pass' if r.passed else '**FAIL**'} |"
+                        f"{_result(r)} |"
                     )
                 lines.append("")
             for key, value in s.extra.items():
@@ -142,6 +142,13 @@ class VerifyReport:
             if s.extra:
                 lines.append("")
         return "\n".join(lines)
+
+
+def _result(row: CheckRow) -> str:
+    """A row without bounds is information, not a check that passed."""
+    if not row.bounds:
+        return f"reported ({row.note})" if row.note else "reported"
+    return "pass" if row.passed else "**FAIL**"
 
 
 def _fmt(v: Any) -> str:

@@ -7,7 +7,7 @@ from typing import Callable
 
 from exportline.exporters.core.bundle import Bundle
 from exportline.exporters.core.errors import ArtifactError, ConfigError
-from exportline.exporters.core.presets import load_thresholds
+from exportline.exporters.core.presets import effective_thresholds
 from exportline.verify.checks import CHECKS
 from exportline.verify.checks.context import CheckContext
 from exportline.verify.report import StageReport, VerifyReport
@@ -38,7 +38,7 @@ def verify_bundle(
         if unknown:
             raise ConfigError(f"unknown stage {unknown[0]!r}; stages with checks: {', '.join(CHECKS)}")
         files = check_files_table(bundle, manifest, progress)
-        thresholds = _merge_preset_thresholds(load_thresholds(), manifest)
+        thresholds = effective_thresholds(manifest)
         ctx = CheckContext(bundle.root, manifest, thresholds, progress=progress, options=dict(options or {}))
         names = stages if stages is not None else list(records)
         reports = []
@@ -76,10 +76,3 @@ def check_files_table(bundle: Bundle, manifest: dict, progress: Callable[[str], 
         bundle.require_intact([bad[0].path])  # raises the one-line IntegrityError with the rebuild command
     return [{"path": c.path, "bytes": c.bytes, "status": "ok" if c.ok else c.status} for c in checks]
 
-
-def _merge_preset_thresholds(thresholds: dict, manifest: dict) -> dict:
-    overrides = manifest.get("source", {}).get("thresholds") or {}
-    merged = {k: dict(v) for k, v in thresholds.items()}
-    for k, v in overrides.items():
-        merged.setdefault(k, {}).update(v)
-    return merged

@@ -39,7 +39,9 @@ def export(
     trt_max_batch: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest batch (default 8).")] = None,
     trt_max_sequence: Annotated[Optional[int], typer.Option(help="TensorRT engines: largest past + sequence (default: max_position_embeddings, at most 2048).")] = None,
     trt_workspace_gib: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit in GiB (default 4).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to ship with a checkpoint that has none: tokenizer.json, a sentencepiece tokenizer.model or llama2.c's tokenizer.bin.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to ship with a checkpoint that has none: tokenizer.json, a sentencepiece tokenizer.model, llama2.c's tokenizer.bin, or 'gpt2' (GPT-2's BPE, nanoGPT's default encoding).")] = None,
+    meta: Annotated[Optional[Path], typer.Option("--meta", help="nanoGPT meta.pkl (char vocabulary) when it is not found beside the .pt or in data/<dataset>/.")] = None,
+    with_training_state: Annotated[bool, typer.Option("--with-training-state", help="nanoGPT: also store optimizer, iter_num, best_val_loss, config in training/ (for to-checkpoint).")] = False,
     trust_remote_code: TrustOpt = False,
     model_class: Annotated[Optional[str], typer.Option(
         help="FILE.py:ClassName — export SOURCE (a state dict) as this nn.Module of yours. RUNS YOUR CODE: "
@@ -79,12 +81,16 @@ def export(
     from exportline.exporters.core.pipeline import ExportOptions, run_pipeline
     from exportline.exporters.core.presets import parse_overrides
     from exportline.exporters.sources import resolve_source
+    from exportline.exporters.sources.base import BUILTIN_TOKENIZERS
     from exportline.exporters.stages import parse_stages
 
     if calibration_data is not None and not calibration_data.is_file():
         raise ConfigError(f"--calibration-data {calibration_data}: no such file; pass a UTF-8 text file")
-    if tokenizer is not None and not tokenizer.is_file():
-        raise ConfigError(f"--tokenizer {tokenizer}: no such file; pass a tokenizer.json (or tokenizer.model / tokenizer.bin for llama2.c)")
+    if tokenizer is not None and not tokenizer.is_file() and str(tokenizer) not in BUILTIN_TOKENIZERS:
+        raise ConfigError(f"--tokenizer {tokenizer}: no such file; pass a tokenizer.json (or tokenizer.model / tokenizer.bin "
+                          "for llama2.c), or gpt2 for GPT-2's BPE")
+    if meta is not None and not meta.is_file():
+        raise ConfigError(f"--meta {meta}: no such file; pass nanoGPT's data/<dataset>/meta.pkl")
     stage_list = parse_stages(stages)
     custom = None
     if model_class:
@@ -94,13 +100,15 @@ def export(
     elif merge_adapter or any(v is not None for v in (model_args, inputs, expect_params, variants, variant, calibration_inputs,
                                                       adapter, lora_alpha, lora_rank)):
         raise ConfigError("--model-args, --inputs, --expect-params, --variants, --calibration-inputs and --adapter "
-                              "need --model-class FILE.py:Class")
+                          "need --model-class FILE.py:Class")
     src = resolve_source(source, parse_overrides(set_ or []), tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                         custom=custom)
+                         custom=custom, meta=meta)
+    for warning in getattr(src, "warnings", list)():
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     bundle = Bundle(out or Path("out") / src.name)
     options = ExportOptions(
         calibration_data=calibration_data, calibration_inputs=calibration_inputs, trt_max_batch=trt_max_batch, trt_max_sequence=trt_max_sequence,
-        trt_workspace_gib=trt_workspace_gib,
+        trt_workspace_gib=trt_workspace_gib, with_training_state=with_training_state,
     )
     with err.status("exporting…") as status:
         result = run_pipeline(

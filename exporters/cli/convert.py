@@ -20,8 +20,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", help="Checkpoint file to write, e.g. ckpt.pt.")],
         format: Annotated[CheckpointFormat, typer.Option("--format", help="Checkpoint format.")] = CheckpointFormat.nanogpt,
     ) -> None:
-        """Turn an HF folder back into the training checkpoint it came from (bit-exact)."""
+        """Turn an HF folder back into the training checkpoint it came from (bit-exact weights),
+        ready for nanoGPT's train.py --init_from=resume."""
         from exportline.exporters.sources.checkpoint_writer import write_checkpoint
 
         written = write_checkpoint(folder, out, format=format.value)
-        typer.echo(f"wrote {written}")
+        typer.echo(f"wrote {written.path}: {written.note}")

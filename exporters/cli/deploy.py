@@ -61,7 +61,7 @@ def push(
     repo_id: RepoIdOpt,
     private: PrivateOpt = False,
     tag: Annotated[Optional[str], typer.Option(help="Tag the pushed commit, e.g. v1.0.0 (idempotent).")] = None,
-    include: Annotated[Optional[str], typer.Option(help="Groups to push: hf,onnx,trt,reports (default: all).")] = None,
+    include: Annotated[Optional[str], typer.Option(help="Groups to push: hf,onnx,trt,reports,training (default: all).")] = None,
     dry_run: DryRunOpt = False,
     token: TokenOpt = None,
 ) -> None:
@@ -90,12 +90,19 @@ def push(
 
 def pull(
     repo_id: Annotated[str, typer.Argument(help="Hub repository, ORG/NAME.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the bundle (must not exist or be empty).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the bundle (must not exist or be empty); with --to-checkpoint the checkpoint file.")],
     revision: Annotated[Optional[str], typer.Option(help="Tag, branch or commit (default: main).")] = None,
     token: TokenOpt = None,
+    to_checkpoint: Annotated[Optional[str], typer.Option("--to-checkpoint", help="Write a training checkpoint of this format (nanogpt) to --out instead of the bundle; downloads only the weights and training/.")] = None,
 ) -> None:
     """Download a bundle; every file is checked against manifest.json before it is kept."""
-    from exportline.deploy.pull import pull_bundle
+    from exportline.deploy.pull import pull_bundle, pull_checkpoint
+
+    if to_checkpoint:
+        got = pull_checkpoint(repo_id, out=out, format=to_checkpoint, revision=revision, token=token, progress=err.print)
+        typer.echo(f"pulled {repo_id}@{got.revision} (commit {got.commit}): {got.files} files, every sha256 matches "
+                   f"manifest.json; wrote {got.checkpoint.path}: {got.checkpoint.note}")
+        return
 
     result = pull_bundle(repo_id, out=out, revision=revision, token=token, progress=err.print)
     typer.echo(f"pulled {repo_id}@{result.revision} (commit {result.commit}): {result.files} files, "

@@ -69,6 +69,7 @@ def generate(
     err.print(
         f"generate: prefill {g.prefill_s * 1e3:.1f} ms, decode {g.decode_tokens_per_s:.1f} tokens/s "
         f"({g.decode_steps} steps × batch {g.batch}); finish: {', '.join(g.finish)}"
+        + (f"; {g.window_prefills} steps re-prefilled a cropped context" if g.window_prefills else "")
     )
 
 

@@ -28,6 +28,7 @@ from exportline.exporters.core.errors import (
     StageError,
 )
 from exportline.exporters.core.measure import measure
+from exportline.exporters.core.presets import verification_record
 
 
 class Source(Protocol):
@@ -54,6 +55,7 @@ class ExportOptions:
     trt_max_sequence: int | None = None
     trt_workspace_gib: float | None = None
     trt_timing_cache: Path | None = None  # default: ~/.cache/exportline (tied to the GPU)
+    with_training_state: bool = False  # hf: also store a nanoGPT .pt's optimizer etc. in training/
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -154,6 +156,7 @@ def run_pipeline(
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest["name"] = source.name
         manifest["source"] = source.describe()
+        manifest["verification"] = verification_record(manifest["source"])
         manifest["source_fingerprint"] = source.fingerprint()
         manifest["exportline"] = tool_versions(["exportline"])["exportline"]
         for stage in stages:

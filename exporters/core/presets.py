@@ -212,6 +212,42 @@ def load_thresholds(preset: Preset | None = None) -> dict[str, dict[str, Any]]:
     return _merge(base, preset.thresholds) if preset else base
 
 
+def verification_record(described: dict[str, Any]) -> dict[str, Any]:
+    """How this bundle is judged, written into manifest.json when the bundle is made: the
+    effective bounds (configs/thresholds.yaml under the source's overrides) and whether the
+    weights are a random init. Verifying the bundle, or exporting from it, reads these back,
+    so the preset name and the folder it wrote get the same verdict."""
+    random_init = bool(described.get("random_init")) or "random-init" in (described.get("labels") or [])
+    record = {
+        "thresholds": _merge(load_thresholds(), described.get("thresholds") or {}),
+        "random_init": random_init,
+        "labels": list(described.get("labels") or []),
+        "origin": described.get("inherited_from") or f"{described.get('kind', 'source')} "
+                  f"{described.get('preset') or described.get('path') or ''}".strip(),
+    }
+    if random_init:
+        # DESIGN.md §8: perplexity says nothing on random weights; quant_check gates logits instead.
+        record["int8_rule"] = "random-init: int8 vs fp32 logits (rel_l2, cosine, decided top-1); perplexity reported, not gated"
+    else:
+        record["int8_rule"] = "trained: perplexity ratio and top-1 vs fp32 on held-out text"
+    return record
+
+
+def effective_thresholds(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The bounds a bundle was made with (manifest `verification`), over today's
+    configs/thresholds.yaml so that checks added since find their keys; a bundle made before
+    bounds were recorded falls back to its source's overrides."""
+    recorded = (manifest.get("verification") or {}).get("thresholds")
+    if recorded is None:
+        recorded = (manifest.get("source") or {}).get("thresholds") or {}
+    return _merge(load_thresholds(), recorded)
+
+
+def is_random_init(manifest: dict[str, Any]) -> bool:
+    verification, source = manifest.get("verification") or {}, manifest.get("source") or {}
+    if "random_init" in verification:
+        return bool(verification["random_init"])
+    return bool(source.get("random_init")) or "random-init" in (source.get("labels") or [])
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
 

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# model_types whose positions index a learned table (GPT-2's wpe): no position past the
+# table exists, so generation past it must crop the context (nanoGPT's sample.py does).
+# Every other supported architecture is rotary: any position computes, but none past
+# max_position_embeddings was trained.
+LEARNED_POSITIONS = frozenset({"gpt2"})
+
 # Dynamic dimensions, by the names used as ONNX dim_params.
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -33,6 +39,8 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    max_positions: int | None = None  # n_positions / max_position_embeddings; None = unbounded
+    learned_positions: bool = False  # True: a position ≥ max_positions has no embedding at all
 
     @classmethod
     def from_config(cls, config) -> "KVLayout":
@@ -43,7 +51,15 @@ class KVLayout:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             vocab_size=config.vocab_size,
+            max_positions=max_positions(config),
+            learned_positions=getattr(config, "model_type", None) in LEARNED_POSITIONS,
         )
+
+    def fit(self, wanted: int, *, used: int = 0) -> int:
+        """`wanted` positions, fewer when `used` + `wanted` would pass the model's positions."""
+        if self.max_positions is None:
+            return wanted
+        return max(0, min(wanted, self.max_positions - used))
 
     def inputs(self) -> list[TensorSpec]:
         specs = [
@@ -80,6 +96,15 @@ class ProfileShapes:
 
     name: str
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def max_positions(config) -> int | None:
+    """The model's position count from its config (GPT-2 names it n_positions)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def resolve_dims(dims: tuple[str | int, ...], values: dict[str, int]) -> tuple[int, ...]:

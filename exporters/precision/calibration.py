@@ -36,6 +36,10 @@ class TextSplit:
         }
 
 
+class UnencodableText(ConfigError):
+    """The calibration text has symbols the model's tokenizer has no id for."""
+
+
 def calibration_path(option: str | None) -> Path:
     """The user's --calibration-data file, or the shipped corpus."""
     if not option:
@@ -70,7 +74,13 @@ def split_text(path: Path, tokenizer, *, max_positions: int, chunk_tokens: int =
     # Line by line: one call on the whole file makes transformers warn that the text is
     # longer than the model; concatenated, the lines are the same token stream.
     lines = text.splitlines(keepends=True)
-    ids = [t for row in tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] for t in row] if lines else []
+    try:
+        ids = [t for row in tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] for t in row] if lines else []
+    except Exception as exc:  # tokenizers raises a bare Exception, e.g. a char vocabulary without <unk>
+        raise UnencodableText(
+            f"the bundle's tokenizer cannot encode {path} ({str(exc).splitlines()[0]}); pass --calibration-data "
+            "with text in the model's vocabulary (a nanoGPT char model: its data/<dataset>/input.txt)"
+        ) from None
     chunks = [ids[i : i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
     if len(chunks) < MIN_CHUNKS:
         raise ConfigError(

@@ -60,20 +60,27 @@ def checkpoint_source(path: Path, **options: Any) -> CheckpointSource:
     if kind is None:
         raise SourceError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; expected a nanoGPT "
                           f".pt/.pth, a llama2.c .bin or an HF folder")
+    if "meta_file" in options and kind != "nanogpt":
+        raise ConfigError(f"--meta is nanoGPT's meta.pkl; {path} is not a nanoGPT checkpoint, drop the option")
     return SOURCE_KINDS[kind].source(path, **options)
 
 
 def resolve_source(
     spec: str, overrides: dict[str, Any] | None = None, *,
     tokenizer: Path | None = None, trust_remote_code: bool = False, custom: dict[str, Any] | None = None,
+    meta: Path | None = None,
 ):
     """A preset name, or a path to a checkpoint file or HF folder; with `custom` (the
     --model-class options, see sources/custom) a state dict for the user's own module."""
     if custom is not None:
-        if tokenizer or trust_remote_code or overrides:
-            raise ConfigError("--tokenizer, --trust-remote-code and --set do not apply with --model-class")
+        if tokenizer or trust_remote_code or overrides or meta:
+            raise ConfigError("--tokenizer, --meta, --trust-remote-code and --set do not apply with --model-class")
         return custom_source(Path(spec), **custom)
-    options = {"tokenizer_file": tokenizer, "trust_remote_code": trust_remote_code}
+    options: dict[str, Any] = {"tokenizer_file": tokenizer, "trust_remote_code": trust_remote_code}
+    if meta is not None:
+        if tokenizer is not None:
+            raise ConfigError("--meta and --tokenizer both name the tokenizer; pass one of them")
+        options["meta_file"] = meta
     path = Path(spec)
     if path.suffix or "/" in spec or path.exists():
         if overrides:
@@ -85,8 +92,8 @@ def resolve_source(
         src = checkpoint_source(_preset_checkpoint(preset), **options)
         src.name, src.preset, src.thresholds = preset.name, preset.name, dict(preset.thresholds)
         return src
-    if tokenizer or trust_remote_code:
-        raise ConfigError(f"preset {spec} is a random init with its own BPE tokenizer; --tokenizer and "
+    if tokenizer or trust_remote_code or meta:
+        raise ConfigError(f"preset {spec} is a random init with its own BPE tokenizer; --tokenizer, --meta and "
                           "--trust-remote-code apply to checkpoint sources")
     if preset.expect_params:
         ParamExpectation.parse(preset.expect_params, where=f"preset {preset.name} expect_params").check(

@@ -18,7 +18,9 @@ from exportline.exporters.core.errors import SourceError
 Progress = Callable[[str], None]
 
 # Bumped when a converter's output changes for the same input, so cached stages rerun.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: nanoGPT's record carries best_val_loss
+# --tokenizer NAME values that name a tokenizer exportline builds itself instead of a file.
+BUILTIN_TOKENIZERS = ("gpt2",)
 
 
 @dataclass
@@ -29,12 +31,15 @@ class CheckpointSource:
     name: str = ""
     preset: str | None = None  # the preset whose `checkpoint:` named this file
     thresholds: dict[str, Any] = field(default_factory=dict)
+    tokenizer_builtin: str | None = None  # --tokenizer gpt2
 
     kind: ClassVar[str] = "checkpoint"
     architecture: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).resolve()
+        if self.tokenizer_file is not None and str(self.tokenizer_file) in BUILTIN_TOKENIZERS:
+            self.tokenizer_builtin, self.tokenizer_file = str(self.tokenizer_file), None  # ./gpt2 names a file
         if self.tokenizer_file is not None:
             self.tokenizer_file = Path(self.tokenizer_file).resolve()
             if not self.tokenizer_file.is_file():
@@ -50,16 +55,22 @@ class CheckpointSource:
         if self.path.is_file():
             return sha256_file(self.path)
         h = hashlib.sha256()
-        for p in sorted(q for q in self.path.iterdir() if q.is_file()):
-            if p.name.startswith(".") or p.name == "manifest.json":
-                continue
-            h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+        for name, digest in self.folder_sha256.items():
+            h.update(name.encode() + b"\0" + digest.encode())
         return h.hexdigest()
+
+    @cached_property
+    def folder_sha256(self) -> dict[str, str]:
+        """A folder's top-level files → sha256 (sorted; bookkeeping left out), hashed once."""
+        return {
+            p.name: sha256_file(p) for p in sorted(q for q in self.path.iterdir() if q.is_file())
+            if not (p.name.startswith(".") or p.name == "manifest.json")
+        }
 
     def fingerprint(self) -> str:
         blob = {
             "kind": self.kind, "converter": CONVERTER_VERSION, "sha256": self.content_sha256,
-            "tokenizer": sha256_file(self.tokenizer_file) if self.tokenizer_file else None,
+            "tokenizer": sha256_file(self.tokenizer_file) if self.tokenizer_file else self.tokenizer_builtin,
             "trust_remote_code": self.trust_remote_code,
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -78,7 +89,13 @@ class CheckpointSource:
         there is none to ship (nothing is invented)."""
         if self.tokenizer_file:
             return {"kind": "file", "file": self.tokenizer_file.name}
+        if self.tokenizer_builtin:
+            return {"kind": self.tokenizer_builtin}
         return self.own_tokenizer_plan()
+
+    def warnings(self) -> list[str]:
+        """Things the user should see on the console before the export runs."""
+        return []
 
     def own_tokenizer_plan(self) -> dict[str, Any]:
         return {"kind": "none", "reason": f"{self.kind} checkpoints carry no tokenizer; pass --tokenizer tokenizer.json"}
@@ -104,6 +121,10 @@ class CheckpointSource:
             return write_spm_tokenizer(self.tokenizer_file, dest, model_max_length)
         if self.tokenizer_file:
             return write_tokenizer_file(self.tokenizer_file, dest, model_max_length)
+        if self.tokenizer_builtin == "gpt2":
+            from exportline.exporters.sources.gpt2_tokenizer import write_gpt2_tokenizer
+
+            return write_gpt2_tokenizer(dest, model_max_length)
         return self.own_tokenizer_plan()
 
 

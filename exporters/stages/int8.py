@@ -38,14 +38,21 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from exportline.exporters.core.errors import StageError
+from exportline.exporters.core.errors import NotAvailable, StageError
 from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_streamed
 from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
 from exportline.exporters.onnx.metadata import stamp_derived
 from exportline.exporters.precision.activation_stats import channel_absmax
-from exportline.exporters.precision.calibration import calibration_path, file_sha256, load_tokenizer, split_text, spread
+from exportline.exporters.precision.calibration import (
+    UnencodableText,
+    calibration_path,
+    file_sha256,
+    load_tokenizer,
+    split_text,
+    spread,
+)
 from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
 from exportline.exporters.precision.smoothing import Streamed, find_groups, input_axis
 from exportline.exporters.precision.smoothing import apply as smooth
@@ -184,7 +191,14 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         return _run_declared(ctx)
     layout, max_positions = _layout(ctx)
     text = calibration_path(ctx.options.calibration_data)
-    split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
+    try:
+        split = split_text(text, load_tokenizer(ctx.bundle.root), max_positions=max_positions)
+    except UnencodableText as exc:
+        if ctx.options.calibration_data:
+            raise
+        # The shipped English corpus does not fit every vocabulary (nanoGPT's 65 characters):
+        # the stage is skipped with the reason, not failed, unless --require int8.
+        raise NotAvailable(f"not available: {exc}") from None
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     ctx.progress(f"int8: calibrating on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
     model, facts, files = _quantized(ctx, lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe))

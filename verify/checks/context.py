@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from exportline.exporters.core.presets import is_random_init
+
 
 @dataclass
 class CheckContext:
@@ -17,3 +19,8 @@ class CheckContext:
     thresholds: dict[str, Any]
     progress: Callable[[str], None] = lambda message: None
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def random_init(self) -> bool:
+        """The bundle's weights are a seeded random init (recorded when it was made)."""
+        return is_random_init(self.manifest)

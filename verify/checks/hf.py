@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from exportline.exporters.core.errors import NotAvailable
+from exportline.exporters.core.shapes import max_positions
 from exportline.exporters.sources.hf_writer import read_hf_config
 from exportline.verify.reference import hf_greedy, hf_logits, load_hf_model, load_reference
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
@@ -44,6 +45,12 @@ def logit_cases(vocab: int, max_positions: int, seed: int = 0) -> list[Case]:
     return cases
 
 
+def greedy_steps(prompt_len: int, max_pos: int) -> int:
+    """GREEDY_STEPS, fewer when the last token fed (position prompt_len + steps - 2) would
+    pass the model's positions."""
+    return max(1, min(GREEDY_STEPS, max_pos - prompt_len + 1))
+
+
 def _bounds(thresholds: dict, key: str) -> dict[str, float]:
     return {m: float(thresholds[key][m]) for m in TENSOR_METRICS}
 
@@ -56,7 +63,7 @@ def check(ctx) -> StageReport:
         return StageReport(STAGE, "not available", reason=str(exc))
     config = read_hf_config(ctx.root)
     vocab = config["vocab_size"]
-    max_pos = config.get("max_position_embeddings") or config.get("n_positions") or 512
+    max_pos = max_positions(config) or 512
     cases = logit_cases(vocab, max_pos)
     trust = bool(source.get("trust_remote_code"))
     rows: list[CheckRow] = []
@@ -64,7 +71,8 @@ def check(ctx) -> StageReport:
     # float32 model loads: a 1B preset never holds its float64 and float32 copies at once.
     wants = {c.name: ref.logits(c.input_ids, c.attention_mask) for c in cases}
     prompt = cases[0].input_ids[:1]
-    want_greedy = ref.greedy(prompt, GREEDY_STEPS)
+    steps = greedy_steps(prompt.shape[1], max_pos)
+    want_greedy = ref.greedy(prompt, steps)
     description, independent, bounds_key = ref.description, ref.independent, ref.bounds_key
     del ref
     if independent:
@@ -89,7 +97,7 @@ def check(ctx) -> StageReport:
         got = hf_logits(model32, c.input_ids, c.attention_mask)
         rows.append(tensor_row(STAGE, f"{c.name}, HF float32", "logits", out=got, ref=wants[c.name], bounds=fp32,
                                mask=c.attention_mask, top1=True))
-    got_greedy, _ = hf_greedy(model32, prompt, GREEDY_STEPS)
+    got_greedy, _ = hf_greedy(model32, prompt, steps)
     rows.append(_greedy_row(got_greedy, want_greedy, cases[0].name, thresholds=ctx.thresholds))
     return StageReport.from_rows(STAGE, rows, description, source_kind=source.get("kind"))
 
@@ -107,14 +115,15 @@ def _greedy_row(got: list[int], want_greedy: tuple[list[int], list[np.ndarray]],
     if first is not None:
         step = want_logits[first]
         margin = float(step[want[first]] - step[got[first]]) / float(np.abs(step).max())
-    metrics = {"identical_fraction": (first if first is not None else GREEDY_STEPS) / GREEDY_STEPS,
+    steps = len(want)
+    metrics = {"identical_fraction": (first if first is not None else steps) / steps,
                "divergence_margin": margin}
     bounds = {"divergence_margin": float(thresholds["fp32"]["max_abs_over_max_ref"])}
     if not thresholds["fp32"].get("greedy_identical", True):
         bounds = {}
     note = "" if first is None else f"first differing token at step {first}"
-    return judge(STAGE, f"greedy {GREEDY_STEPS} steps from {case}, HF float32 (KV cache)", "greedy tokens",
-                 shape=(1, GREEDY_STEPS), metrics=metrics, bounds=bounds, note=note)
+    return judge(STAGE, f"greedy {steps} steps from {case}, HF float32 (KV cache)", "greedy tokens",
+                 shape=(1, steps), metrics=metrics, bounds=bounds, note=note)
 
 
 def _weights_row(root: Path, source: dict) -> CheckRow:

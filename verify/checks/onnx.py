@@ -123,7 +123,9 @@ def greedy_prompt(vocab_size: int, length: int = 8, seed: int = 1) -> list[int]:
 
 
 def greedy_tokens(runner: Runner, layout, prompt: list[int], *, n: int = GREEDY_TOKENS) -> list[int]:
-    """`n` argmax tokens; EOS does not stop it, so both sides always produce `n` to compare."""
+    """`n` argmax tokens (fewer if the model's positions end first: the last new token is
+    never fed); EOS does not stop it, so both sides always produce as many to compare."""
+    n = max(1, layout.fit(n, used=len(prompt) - 1))
     return generate(runner, [prompt], layout=layout, max_new_tokens=n, sampling=Sampling(greedy=True)).tokens[0]
 
 

@@ -4,10 +4,12 @@ files copied as they are (but for the v5-only tokenizer_class name, see hf_compa
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,46 @@ class HFFolderSource(CheckpointSource):
                               "save the model with save_pretrained first")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "architecture": read_config(self.path).get("model_type", "unknown")}
+        described = {**super().describe(), "architecture": read_config(self.path).get("model_type", "unknown")}
+        recorded, why = self.recorded_verification
+        if recorded is None:
+            return {**described, **({"bounds_note": why} if why else {})}
+        labels = list(recorded.get("labels") or (["random-init"] if recorded.get("random_init") else []))
+        described.update(
+            random_init=bool(recorded.get("random_init")), labels=labels,
+            # a preset that names this folder as its `checkpoint:` keeps its own overrides on top
+            thresholds={**(recorded.get("thresholds") or {}), **self.thresholds},
+            inherited_from=why,
+        )
+        for key in ("preset", "seed"):
+            described[key] = described.get(key) or recorded.get(key)
+        return described
+
+    @cached_property
+    def recorded_verification(self) -> tuple[dict[str, Any] | None, str]:
+        """(bounds and labels, where from) when this folder is an exportline bundle whose
+        manifest.json still lists the very config.json and weight files it holds; else
+        (None, why not, or "" when there is no manifest). The manifest's sha256s are the
+        proof: a label copied into config.json would survive fine-tuning + save_pretrained
+        and then mislabel trained weights."""
+        path = self.path / "manifest.json"
+        if not path.is_file():
+            return None, ""
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None, f"{path} is unreadable; bounds not inherited"
+        recorded = manifest.get("verification") or _legacy_verification(manifest.get("source") or {})
+        if not recorded:
+            return None, ""
+        listed = {f.get("path"): f.get("sha256") for f in manifest.get("files", [])}
+        model_files = [n for n in self.folder_sha256 if n == "config.json" or _is_weight_file(n)]
+        changed = [n for n in model_files if listed.get(n) != self.folder_sha256[n]]
+        if changed:
+            return None, f"{path} does not list {changed[0]} as it is now; its bounds and labels were not inherited"
+        source = manifest.get("source") or {}
+        return {**recorded, "preset": source.get("preset"), "seed": source.get("seed")}, \
+            f"{path} (config.json and weights match its sha256)"
 
     def own_tokenizer_plan(self) -> dict[str, Any]:
         files = [n for n in TOKENIZER_FILES if (self.path / n).is_file()]
@@ -124,3 +165,15 @@ class HFFolderSource(CheckpointSource):
         files = sorted(p.name for p in dest.glob("model*.safetensors*"))
         return {"weights": files, "tokenizer": tok_info, "random_init": False,
                 "model_type": model.config.model_type, "trust_remote_code": self.trust_remote_code}
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.startswith(("model", "pytorch_model")) and (".safetensors" in name or name.endswith((".bin", ".bin.index.json")))
+
+
+def _legacy_verification(source: dict[str, Any]) -> dict[str, Any] | None:
+    """A bundle written before manifests recorded `verification`: its preset source block."""
+    if source.get("kind") != "preset":
+        return None
+    return {"thresholds": source.get("thresholds") or {}, "random_init": bool(source.get("random_init")),
+            "labels": list(source.get("labels") or [])}

@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,14 @@ class NanoGPTCheckpoint:
     iter_num: int | None
     config: dict[str, Any] | None
     prefix: str  # "_orig_mod." when saved from a torch.compile'd model, else ""
+    best_val_loss: float | None = None
+    keys: tuple[str, ...] = ()  # the file's top-level keys, in order
+    extra: dict[str, Any] | None = None  # every top-level entry but 'model' (kept only when asked)
 
 
-def load_checkpoint(path: Path) -> NanoGPTCheckpoint:
-    """torch.load with weights_only=True: tensors and plain containers only, no code runs."""
+def load_checkpoint(path: Path, *, keep_training: bool = False) -> NanoGPTCheckpoint:
+    """torch.load with weights_only=True: tensors and plain containers only, no code runs.
+    `keep_training` keeps the optimizer and every other non-weight entry in `extra`."""
     import torch
 
     try:
@@ -64,12 +69,23 @@ def load_checkpoint(path: Path) -> NanoGPTCheckpoint:
         state[key[len(PREFIX):] if key.startswith(PREFIX) else key] = value
     if len(prefixes) > 1:
         raise SourceError(f"{path}: some state_dict keys have the {PREFIX!r} prefix and some do not; re-save the model")
-    iter_num = ckpt.get("iter_num")
+    iter_num, best = ckpt.get("iter_num"), ckpt.get("best_val_loss")
     return NanoGPTCheckpoint(
         state=state, model_args=dict(args), iter_num=int(iter_num) if iter_num is not None else None,
         config=ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None,
         prefix=PREFIX if prefixes == {True} else "",
+        best_val_loss=_scalar(best), keys=tuple(ckpt),
+        extra={k: v for k, v in ckpt.items() if k != "model"} if keep_training else None,
     )
+
+
+def _scalar(value: Any) -> float | None:
+    """train.py saves best_val_loss as a 0-dim tensor (a mean of losses); a float also reads."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _unreadable(path: Path, exc: BaseException) -> SourceError:
@@ -147,7 +163,7 @@ def to_hf_state(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[dict, dict[str, An
     if tied:
         hf.pop("lm_head.weight", None)
     record = {
-        "model_args": args, "iter_num": ckpt.iter_num, "key_prefix": ckpt.prefix,
+        "model_args": args, "iter_num": ckpt.iter_num, "best_val_loss": ckpt.best_val_loss, "key_prefix": ckpt.prefix,
         "keys": list(ckpt.state), "dtypes": dtypes, "lm_head": "tied" if tied else "separate",
         "causal_buffers": _causal_buffers(ckpt, buffers), **_plain_config(ckpt.config),
     }
@@ -223,39 +239,79 @@ def read_meta(path: Path) -> dict[str, int]:
 class NanoGPTSource(CheckpointSource):
     kind = "nanogpt"
     architecture = "gpt2"
+    carries_training_state = True  # export --with-training-state
+    meta_file: Path | None = None  # --meta
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.meta_file is not None:
+            self.meta_file = Path(self.meta_file).resolve()
+            if not self.meta_file.is_file():
+                raise SourceError(f"--meta {self.meta_file}: no such file; pass nanoGPT's data/<dataset>/meta.pkl")
+
+    @cached_property
+    def facts(self):
+        from exportline.exporters.sources.nanogpt.meta import peek
+
+        return peek(self.path)
+
+    @cached_property
+    def _meta_search(self) -> tuple[Path | None, list[Path]]:
+        if self.meta_file is not None:
+            return self.meta_file, [self.meta_file]
+        from exportline.exporters.sources.nanogpt.meta import find_meta
+
+        return find_meta(self.path, self.facts.dataset)
 
     @property
-    def meta_path(self) -> Path:
-        return self.path.with_name("meta.pkl")
+    def meta_path(self) -> Path | None:
+        """The meta.pkl this export uses (None: none found, or another tokenizer was chosen)."""
+        if self.tokenizer_file or self.tokenizer_builtin:
+            return None
+        return self._meta_search[0]
 
     def own_tokenizer_plan(self) -> dict[str, Any]:
-        if self.meta_path.is_file():
-            return {"kind": "char", "from": "meta.pkl"}
-        return {"kind": "none", "reason": "no meta.pkl beside the .pt and no --tokenizer given "
-                                          "(nanoGPT's GPT-2 BPE is not bundled); pass --tokenizer tokenizer.json"}
+        if self.meta_path is not None:
+            return {"kind": "char", "from": "meta.pkl", "path": str(self.meta_path)}
+        return {"kind": "none", "reason": "no meta.pkl found (looked beside the .pt and in data/<config dataset>/) "
+                                          "and no --tokenizer given; pass --meta meta.pkl, --tokenizer gpt2 "
+                                          "or --tokenizer tokenizer.json"}
+
+    def warnings(self) -> list[str]:
+        if self.tokenizer_plan()["kind"] != "none":
+            return []
+        from exportline.exporters.sources.nanogpt.meta import missing_tokenizer_warning
+
+        return [missing_tokenizer_warning(self.facts, self._meta_search[1])]
 
     def fingerprint(self) -> str:
         import hashlib
 
         from exportline.exporters.core.bundle import sha256_file
 
-        meta = sha256_file(self.meta_path) if self.meta_path.is_file() and not self.tokenizer_file else None
+        meta = sha256_file(self.meta_path) if self.meta_path is not None else None
         return hashlib.sha256(f"{super().fingerprint()}:{meta}".encode()).hexdigest()
 
     def write_tokenizer(self, dest: Path, model_max_length: int) -> dict[str, Any]:
-        if not self.tokenizer_file and self.meta_path.is_file():
+        if self.meta_path is not None:
             from exportline.exporters.sources.tokenizer import write_char_tokenizer
 
             stoi = read_meta(self.meta_path)
             return {**write_char_tokenizer(stoi, dest, model_max_length), "from": "meta.pkl"}
         return super().write_tokenizer(dest, model_max_length)
 
-    def write_hf(self, dest: Path, progress: Progress) -> dict[str, Any]:
+    def write_hf(self, dest: Path, progress: Progress, *, training_state: bool = False) -> dict[str, Any]:
         from exportline.exporters.sources.hf_writer import write_config_files, write_hf_weights
 
         progress(f"hf: reading nanoGPT checkpoint {self.path.name}")
-        ckpt = load_checkpoint(self.path)
+        ckpt = load_checkpoint(self.path, keep_training=training_state)
         state, record = to_hf_state(ckpt, self.path)
+        training = None
+        if training_state:
+            from exportline.exporters.sources.nanogpt.training import write_training_state
+
+            progress("hf: storing the training state (optimizer, iter_num, best_val_loss, config) in training/")
+            training = write_training_state(ckpt.extra, list(ckpt.keys), dest, config=record["config"])
         del ckpt
         config = hf_config(record["model_args"], record)
         tok_info = self.write_checked_tokenizer(dest, model_max_length=config.n_positions, vocab_size=config.vocab_size)
@@ -263,13 +319,14 @@ class NanoGPTSource(CheckpointSource):
         write_config_files(config, dest)
         return {"weights": files, "tokenizer": tok_info, "random_init": False,
                 "iter_num": record["iter_num"], "zero_biases": not record["model_args"]["bias"],
-                "lm_head": record["lm_head"]}
+                "lm_head": record["lm_head"], **({"training_state": training} if training else {})}
 
 
 # -- back to a nanoGPT checkpoint (exportline to-checkpoint --format nanogpt) ------------------
-def hf_to_checkpoint(folder: Path) -> dict[str, Any]:
-    """The nanoGPT checkpoint dict an HF folder (exported from nanoGPT) came from; every
-    tensor bit-identical to the original .pt's, keys and their order restored."""
+def hf_to_checkpoint(folder: Path) -> tuple[dict[str, Any], str]:
+    """The nanoGPT checkpoint dict an HF folder (exported from nanoGPT) came from, every
+    tensor bit-identical to the original .pt's, keys and their order restored, ready for
+    train.py --init_from=resume; and a note on the training state it carries."""
     import torch
 
     from exportline.exporters.sources.hf_writer import read_hf_config, read_hf_weights
@@ -295,6 +352,33 @@ def hf_to_checkpoint(folder: Path) -> dict[str, Any]:
     if record["lm_head"] == "tied" and "lm_head.weight" in record["keys"]:
         model["lm_head.weight"] = model["transformer.wte.weight"]
     prefix = record.get("key_prefix", "")
-    ckpt = {"model": {prefix + k: model[k] for k in record["keys"]}, "model_args": record["model_args"],
-            "iter_num": record.get("iter_num"), "config": record.get("config")}
-    return ckpt
+    weights = {prefix + k: model[k] for k in record["keys"]}
+    return _with_training_state(folder, weights, record)
+
+
+def _with_training_state(folder: Path, weights: dict, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The stored training state when the bundle has training/, else a fresh optimizer
+    (nanogpt_training.FRESH_RESET) around the recorded iter_num, best_val_loss and config."""
+    from exportline.exporters.sources.nanogpt.training import (
+        FRESH_RESET,
+        INITIAL_BEST_VAL_LOSS,
+        fresh_optimizer,
+        read_training_state,
+    )
+
+    stored = read_training_state(folder)
+    if stored is not None:
+        keys, entries = stored
+        ckpt = {k: weights if k == "model" else entries[k] for k in keys if k == "model" or k in entries}
+        return ckpt, "training state restored from training/ (optimizer, iter_num, best_val_loss, config)"
+    best = record.get("best_val_loss")
+    ckpt = {
+        "model": weights,
+        "optimizer": fresh_optimizer(weights, tied=record["lm_head"] == "tied", config=record.get("config")),
+        "model_args": record["model_args"],
+        "iter_num": int(record.get("iter_num") or 0),
+        "best_val_loss": float(best) if best is not None else INITIAL_BEST_VAL_LOSS,
+        "config": record.get("config") or {},
+    }
+    reset = list(FRESH_RESET) + ([] if best is not None else [f"best_val_loss (unknown: {INITIAL_BEST_VAL_LOSS:g}, as train.py starts)"])
+    return ckpt, "no training/ in the bundle, so reset: " + "; ".join(reset)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from exportline.exporters.core.errors import ConfigError
 from exportline.exporters.sources.reference import Reference, attention, position_ids_from_mask
 
 
@@ -46,6 +47,9 @@ class NanoGPTReference(Reference):
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
         mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask)
         pos = torch.as_tensor(position_ids_from_mask(mask))
+        if pos.numel() and int(pos.max()) >= self.args["block_size"]:
+            raise ConfigError(f"position {int(pos.max())} is past nanoGPT's block_size {self.args['block_size']}: "
+                              "the model has no embedding for it; use shorter inputs")
         b, s = ids.shape
         e, h = self.args["n_embd"], self.args["n_head"]
         x = self.w["transformer.wte.weight"][ids] + self.w["transformer.wpe.weight"][pos]
