@@ -31,6 +31,9 @@ class Preset:
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     thresholds: dict[str, Any] = field(default_factory=dict)
     expect_params: str | None = None  # e.g. "15.8M±5%": checked by resolve_source before anything is written
+    # How the hf stage stores the weights: "float32", or "bfloat16" (what large checkpoints
+    # ship as: half the disk, and the direct hf → fp16 path reads it as is)
+    dtype: str = "float32"
 
     @property
     def random_init(self) -> bool:

@@ -312,27 +312,14 @@ class OnnxExport:
         }
 
 
-def export_onnx(
-    hf_dir: Path, out_dir: Path, *, opset: int = OPSET, source: dict[str, Any] | None = None,
-    progress: Callable[[str], None] = lambda m: None,
-) -> OnnxExport:
-    """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`; `source`
-    (the source's description) goes into the graph's metadata_props (exporters/onnx/metadata.py)."""
-    import torch
-
-    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
+def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], None] = lambda m: None,
+                lap: Callable[[str], None] = lambda name: None):
+    """The HF folder's graph (onnx_ir) with every weight a lazy tensor that reads the
+    checkpoint when written; returns (graph, config, weights, tracing facts). Nothing large
+    has been read yet: `save` (fp32) or the fp16 stage's direct path writes the weights."""
     from exportline.exporters.onnx.replicate import TRACE_LAYERS, NotReplicable
-    from exportline.exporters.onnx.weights import check_checkpoint_covers, save
+    from exportline.exporters.onnx.weights import check_checkpoint_covers
     from exportline.exporters.sources.weights_reader import CheckpointWeights
-
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = round(now - clock, 3)
-        clock = now
 
     config = load_config(hf_dir)
     weights = CheckpointWeights(hf_dir)  # headers only: fails fast on a broken checkpoint
@@ -349,6 +336,31 @@ def export_onnx(
         progress(f"onnx: layers are not copies of each other ({exc}); tracing all {layout.num_layers}")
         ir_model, traced = build_graph(model, layout, weights, stack=None, opset=opset, lap=lap)
     del model  # its untouched weight pages are released; the graph reads the checkpoint
+    return ir_model, config, weights, {**traced, **how}
+
+
+def export_onnx(
+    hf_dir: Path, out_dir: Path, *, opset: int = OPSET, source: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = lambda m: None,
+) -> OnnxExport:
+    """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`; `source`
+    (the source's description) goes into the graph's metadata_props (exporters/onnx/metadata.py)."""
+    import torch
+
+    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
+    from exportline.exporters.onnx.weights import save
+
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
+    ir_model, config, weights, tracing = trace_graph(hf_dir, opset=opset, progress=progress, lap=lap)
+    layout = KVLayout.from_config(config)
     progress(f"onnx: writing {weights.nbytes / 2**30:.2f} GiB of weights into {DATA_FILE}")
     stamp(ir_model, graph_metadata(source=source or {"kind": "hf", "path": str(hf_dir)}, precision="fp32", layout=layout,
                                    made_by=[f"torch {torch.__version__} torch.export + torch.onnx",
@@ -360,5 +372,5 @@ def export_onnx(
     return OnnxExport(
         opset=opset, exporter=EXPORTER, architecture=config.model_type,
         nodes=sum(1 for _ in ir_model.graph), initializers=len(ir_model.graph.initializers),
-        weight_bytes=weights.nbytes, files=files, seconds=seconds, tracing={**traced, **how},
+        weight_bytes=weights.nbytes, files=files, seconds=seconds, tracing=tracing,
     )

@@ -7,7 +7,14 @@ kilobyte into `<model file stem>.onnx_data` beside the model.
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, StageError
 
@@ -98,3 +105,168 @@ def check_graph(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StageError(f"{Path(path).name} is not a valid ONNX graph ({first}); this is a bug, please report it") from None
+
+
+# Bytes read from the source data file per step of a streamed copy: what the copy holds in
+# memory (per writer thread), whatever the size of the tensor or the model.
+CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Convert:
+    """How a streamed initializer's stored bytes become the ones written. Without `shape`,
+    `function` maps a chunk of `stored` values (1-D) to the target values elementwise, so
+    converting chunk by chunk equals converting the whole tensor; with it, `function` gets
+    the whole stored tensor in that shape (per-channel work: smoothing, int8 scales) — one
+    tensor held, still not the model."""
+
+    stored: str  # numpy dtype name of the bytes in the source data file, e.g. "float32"
+    function: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    path: Path
+    offset: int
+    length: int
+
+
+class HeldBytes:
+    """Bytes of tensor data the streamed copy holds at once, and the most it ever held: the
+    streaming property is asserted on these counts (tests/test_streaming.py), not on timing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.now = self.peak = self.total = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.now += nbytes
+            self.total += max(nbytes, 0)
+            self.peak = max(self.peak, self.now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.now = self.peak = self.total = 0
+
+
+HELD = HeldBytes()
+
+
+def slice_of(tensor, source: Path) -> _Slice | None:
+    """Where an initializer's bytes lie in the external data beside `source` (None: inline)."""
+    from onnx import TensorProto
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    if Path(info["location"]).name != info["location"]:
+        raise ArtifactError(f"{source}: tensor {tensor.name} points outside its folder; re-run the onnx stage with --force")
+    return _Slice(Path(source).parent / info["location"], int(info.get("offset", 0)), int(info["length"]))
+
+
+def external_slices(model, source: Path) -> dict[str, _Slice]:
+    """Initializer name → where its bytes lie in the external data beside `source`."""
+    return {t.name: where for t in model.graph.initializer if (where := slice_of(t, source)) is not None}
+
+
+def read_external(where: _Slice, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One external tensor as stored, read whole (for the few values a graph edit needs)."""
+    return np.frombuffer(b"".join(bytes(c) for c in _read_chunks(where, None)), dtype=dtype).reshape(shape)
+
+
+def external_stub(source, name: str, *, data_type: int, dims) -> object:
+    """A new initializer `name` whose bytes are `source`'s in the external data, to be
+    written through a `Convert` (e.g. W_quantized from W): declared, never loaded."""
+    from onnx import TensorProto
+
+    stub = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    stub.external_data.extend(source.external_data)
+    return stub
+
+
+def _read_chunks(where: _Slice, convert: Convert | None):
+    """The tensor's target bytes, CHUNK_BYTES of source at a time, counted in HELD."""
+    itemsize = np.dtype(convert.stored).itemsize if convert else 1
+    step = max(CHUNK_BYTES - CHUNK_BYTES % itemsize, itemsize)
+    if convert is not None and convert.shape is not None:
+        step = max(where.length, 1)
+    fd = os.open(where.path, os.O_RDONLY)
+    try:
+        for begin in range(0, where.length, step):
+            size = min(step, where.length - begin)
+            buf = np.empty(size, np.uint8)
+            if os.preadv(fd, [buf], where.offset + begin) != size:
+                raise ArtifactError(f"{where.path} ended early; re-run the onnx stage with --force")
+            stored = buf.view(convert.stored) if convert else buf
+            if convert is not None and convert.shape is not None:
+                stored = stored.reshape(convert.shape)
+            out = convert.function(stored) if convert else buf
+            held = buf.nbytes + (out.nbytes if out is not buf else 0)
+            HELD.add(held)
+            try:
+                yield memoryview(np.ascontiguousarray(out)).cast("B")
+            finally:
+                HELD.add(-held)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _streamed_tensor_class():
+    import onnx_ir as ir
+
+    class StreamedTensor(ir.LazyTensor):
+        """An initializer copied (and converted) from a source data file when it is written."""
+
+        __slots__ = ("where", "convert")
+
+        def tofile(self, file) -> None:
+            for chunk in _read_chunks(self.where, self.convert):
+                file.write(chunk)
+
+    return StreamedTensor
+
+
+def _streamed(where: _Slice, convert: Convert | None, *, dtype, shape, name: str):
+    import onnx_ir as ir
+
+    def materialize():  # small tensors the writer keeps inline ask for their bytes
+        data = b"".join(bytes(c) for c in _read_chunks(where, convert))
+        return ir.Tensor(np.frombuffer(data, dtype=dtype.numpy()).reshape(shape.numpy()), name=name)
+
+    tensor = _streamed_tensor_class()(materialize, dtype=dtype, shape=shape, name=name)
+    tensor.where, tensor.convert = where, convert
+    return tensor
+
+
+def save_streamed(model, source: Path | None, target: Path, *, convert: dict[str, Convert] | None = None,
+                  tensors: dict | None = None) -> list[str]:
+    """Write the weightless graph `model` (loaded with `load_graph(source, weights=False)`,
+    then edited) as `target` + ONE data file beside it. Each initializer still in `source`'s
+    external data is copied chunk by chunk, through `convert[name]` when given (the proto's
+    data_type already says the target type); tensors added in memory are written as they
+    are; `tensors` gives onnx_ir tensors for initializers whose data is elsewhere (the direct
+    fp16 path's checkpoint tensors). The writer is the onnx stage's (onnx_ir, one tensor at a
+    time): resident memory is a few chunks, whatever the model's size. Returns the file names."""
+    import onnx_ir as ir
+
+    from exportline.exporters.onnx.weights import save
+
+    convert, tensors = convert or {}, tensors or {}
+    slices = external_slices(model, source) if source is not None else {}
+    ir_model = ir.serde.deserialize_model(model)
+    for graph in ir_model.graphs():
+        for value in graph.initializers.values():
+            if value.name in tensors:  # an onnx_ir tensor that writes itself (direct fp16 path)
+                value.const_value = tensors[value.name]
+            elif value.name in slices:
+                tensor = value.const_value
+                value.const_value = _streamed(slices[value.name], convert.get(value.name), dtype=tensor.dtype,
+                                              shape=tensor.shape, name=value.name)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = target.parent / data_file_name(target)
+    save(ir_model, target, data.name)
+    return [target.name] + ([data.name] if data.is_file() else [])

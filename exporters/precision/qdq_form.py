@@ -9,18 +9,20 @@ axis being the output channel (axis 1 of a MatMul's B [K, N]; axis 0 of a Gemm w
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from exportline.exporters.onnx.graph_index import GraphIndex
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def _const(index: GraphIndex, name: str):
-    """The numpy value of an initializer or Constant output, or None for a runtime tensor."""
+def _const(index: GraphIndex, name: str, base_dir: str = ""):
+    """The numpy value of an initializer or Constant output, or None for a runtime tensor;
+    external data is read from `base_dir`, one tensor at a time."""
     from onnx import numpy_helper
 
     if name in index.initializers:
-        return numpy_helper.to_array(index.initializers[name])
+        return numpy_helper.to_array(index.initializers[name], base_dir=base_dir)
     node = index.producer.get(name)
     if node is not None and node.op_type == "Constant":
         for a in node.attribute:
@@ -48,16 +50,18 @@ def _output_channel_axis(index: GraphIndex, dq) -> int | None:
     return axes.pop() if len(axes) == 1 else None
 
 
-def qdq_form_problems(model) -> list[str]:
-    """Every way `model` departs from the form above; [] means TensorRT-ready."""
+def qdq_form_problems(model, *, base_dir: Path | str = "") -> list[str]:
+    """Every way `model` departs from the form above; [] means TensorRT-ready. A graph loaded
+    without its weights reads each from `base_dir` when it is checked."""
     index = GraphIndex(model.graph)
+    base_dir = str(base_dir)
     problems = []
     for node in model.graph.node:
         if node.op_type not in QDQ_OPS:
             continue
         where = f"{node.op_type} {node.name}"
-        scale = _const(index, node.input[1]) if len(node.input) > 1 else None
-        zero = _const(index, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scale = _const(index, node.input[1], base_dir) if len(node.input) > 1 else None
+        zero = _const(index, node.input[2], base_dir) if len(node.input) > 2 and node.input[2] else None
         if scale is None:
             problems.append(f"{where}: scale is not a constant")
             continue
@@ -70,7 +74,7 @@ def qdq_form_problems(model) -> list[str]:
             problems.append(f"{where}: asymmetric (zero point {zero.reshape(-1)[:3].tolist()}…, must be 0)")
         if not (scale > 0).all() or not (abs(scale) < float("inf")).all():
             problems.append(f"{where}: scale must be finite and positive")
-        weight = _const(index, node.input[0]) if node.op_type == "DequantizeLinear" else None
+        weight = _const(index, node.input[0], base_dir) if node.op_type == "DequantizeLinear" else None
         if weight is None:  # activation: one scale for the tensor
             if scale.size != 1:
                 problems.append(f"{where}: activation scale has {scale.size} values; per-tensor expected")

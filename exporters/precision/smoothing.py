@@ -87,20 +87,77 @@ def _source(index: GraphIndex, act: str) -> SmoothGroup | None:
     return None
 
 
-def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], *, alpha: float = ALPHA):
-    """Scale the initializers of `model` (weights loaded) in place; returns the facts for the
-    record and s per smoothed activation (the smoothed X is X / s)."""
-    from onnx import numpy_helper
+class InMemory:
+    """Initializers of a model loaded with its weights: read and rescaled in place."""
 
+    def __init__(self, model):
+        self.model = model
+
+    def read(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self._init(name)).astype(np.float32)
+
+    def scale(self, name: str, value: np.ndarray, factor: np.ndarray, *, divide: bool) -> None:
+        _replace(self._init(name), value / factor if divide else value * factor)
+
+    def _init(self, name: str):
+        return next(t for t in self.model.graph.initializer if t.name == name)
+
+
+class Streamed:
+    """Initializers still in the source model's data file (a graph loaded without weights):
+    read one at a time, and rescaled when the smoothed graph is written (`converts`, for
+    external_data.save_streamed): the model is never in memory."""
+
+    def __init__(self, model, source):
+        self.model, self.source, self.converts = model, source, {}
+
+    def _where(self, name: str):
+        from exportline.exporters.onnx.external_data import slice_of
+
+        t = next(t for t in self.model.graph.initializer if t.name == name)
+        return t, slice_of(t, self.source)
+
+    def read(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        from exportline.exporters.onnx.external_data import read_external
+
+        t, where = self._where(name)
+        if where is None:
+            return numpy_helper.to_array(t).astype(np.float32)
+        value = read_external(where, "float32", tuple(t.dims)).astype(np.float32)
+        pending = self.converts.get(name)  # up_proj is scaled twice: as a source and as a weight
+        return pending.function(value) if pending else value
+
+    def scale(self, name: str, value: np.ndarray, factor: np.ndarray, *, divide: bool) -> None:
+        from exportline.exporters.onnx.external_data import Convert
+
+        if self._where(name)[1] is None:  # kept inline in the graph: small, rescaled now
+            return InMemory(self.model).scale(name, value, factor, divide=divide)
+        # The same float32 arithmetic as InMemory, in the same order, when written
+        before = self.converts.get(name)
+
+        def scaled(w: np.ndarray) -> np.ndarray:
+            w = before.function(w) if before else w
+            return (w / factor if divide else w * factor).astype(np.float32)
+
+        self.converts[name] = Convert("float32", scaled, shape=value.shape)
+
+
+def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], *, alpha: float = ALPHA, weights=None):
+    """Scale the initializers of `model` (weights loaded, or `weights=Streamed(...)`) in place;
+    returns the facts for the record and s per smoothed activation (the smoothed X is X / s)."""
     index = GraphIndex(model.graph)
+    access = weights or InMemory(model)
     largest, scales = 1.0, {}
     for g in groups:
         if g.axis == 0:  # norm parameters other norms share (exporters dedupe equal weights)
             g.source = _private(model, index, g.node, init=g.source)
             g.bias = _private(model, index, g.node, init=g.bias) if g.bias else None
-        inits = {t.name: t for t in model.graph.initializer}
-        weights = [(numpy_helper.to_array(inits[w]).astype(np.float32), axis) for w, axis in g.weights]
-        w_max = np.max(np.stack([np.abs(w).max(axis=1 - axis) for w, axis in weights]), axis=0)
+        weights_ = [(access.read(w), axis) for w, axis in g.weights]
+        w_max = np.max(np.stack([np.abs(w).max(axis=1 - axis) for w, axis in weights_]), axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.power(absmax[g.activation], alpha) / np.power(w_max, 1.0 - alpha)
         s = np.where(np.isfinite(s) & (s > 0), s, 1.0).clip(1e-5, 1e5).astype(np.float32)
@@ -108,10 +165,10 @@ def apply(model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], *, al
         scales[g.activation] = s
         for name in (g.source, g.bias):
             if name:
-                value = numpy_helper.to_array(inits[name]).astype(np.float32)
-                _replace(inits[name], value / (s if value.ndim == 1 else s[None, :]))
-        for (name, _), (w, axis) in zip(g.weights, weights):
-            _replace(inits[name], w * (s[:, None] if axis == 0 else s[None, :]))
+                value = access.read(name)
+                access.scale(name, value, s if value.ndim == 1 else s[None, :], divide=True)
+        for (name, _), (w, axis) in zip(g.weights, weights_):
+            access.scale(name, w, s[:, None] if axis == 0 else s[None, :], divide=False)
     facts = {"method": "SmoothQuant", "alpha": alpha, "groups": len(groups),
              "norm_folds": sum(g.axis == 0 for g in groups), "mlp_folds": sum(g.axis == 1 for g in groups),
              "max_scale_spread": round(largest, 2)}

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from exportline.exporters.core.errors import ArtifactError, StageError
 
@@ -45,6 +47,70 @@ def write_hf_weights(state: dict, dest: Path, *, max_shard_bytes: int = SHARD_BY
     return files + ["model.safetensors.index.json"]
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64"}
+
+
+def plan_shards(plan: list[tuple[str, tuple[int, ...], Any]], max_shard_bytes: int) -> list[list[tuple]]:
+    """The tensors of `plan` ((name, shape, torch dtype) in write order) grouped into shards
+    of at most `max_shard_bytes` (one tensor larger than that gets its own)."""
+    shards, current, size = [], [], 0
+    for entry in plan:
+        nbytes = _nbytes(entry)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    return shards + [current]
+
+
+def _nbytes(entry) -> int:
+    _, shape, dtype = entry
+    return math.prod(shape) * dtype.itemsize
+
+
+def _header(entries: list[tuple]) -> bytes:
+    """The safetensors header: u64 length, then JSON {name: dtype, shape, data_offsets},
+    padded with spaces to 8 bytes as the reference writer does."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for entry in entries:
+        name, shape, dtype = entry
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [offset, offset + _nbytes(entry)]}
+        offset += _nbytes(entry)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_hf_stream(plan: list[tuple], tensors: Iterator[tuple[str, Any]], dest: Path, *,
+                    max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """model.safetensors (or shards + index) written as `tensors` arrive, in `plan` order:
+    the headers come from the plan, so each tensor is written and dropped at once and the
+    writer holds one tensor, not the model (a 10 B random init is 20-40 GB)."""
+    import torch
+
+    shards = plan_shards(plan, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for fname, entries in zip(names, shards):
+        path = dest / fname
+        with open(path, "wb") as f:
+            f.write(_header(entries))
+            for name, shape, dtype in entries:
+                got, tensor = next(tensors)
+                if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise StageError(f"hf: tensor {got} {list(tensor.shape)} does not follow the plan ({name}); this is a bug")
+                f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+                del tensor
+    if len(shards) == 1:
+        return names
+    index = {"metadata": {"total_size": sum(_nbytes(e) for e in plan)},
+             "weight_map": {e[0]: fname for fname, entries in zip(names, shards) for e in entries}}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names + ["model.safetensors.index.json"]
+
+
 def save_safetensors(state: dict, path: Path) -> None:
     """safetensors' save_file, with its I/O failures turned back into OSError.
 
@@ -70,14 +136,14 @@ def translate_write_error(exc: Exception, path: Path) -> Exception:
     return StageError(f"writing {Path(path).name} failed: {exc}; re-run the export with --force")
 
 
-def write_config_files(config, dest: Path) -> None:
-    """config.json (fp32) and a greedy generation_config.json from the model config; then
-    config.json and tokenizer_config.json made readable by transformers 4.x too (hf_compat)."""
+def write_config_files(config, dest: Path, *, dtype: str = "float32") -> None:
+    """config.json (dtype: how the weights are stored) and a greedy generation_config.json;
+    then config.json and tokenizer_config.json made readable by transformers 4.x too (hf_compat)."""
     from transformers import GenerationConfig
 
     from exportline.exporters.sources.hf_compat import make_portable
 
-    config.dtype = "float32"
+    config.dtype = dtype
     config.save_pretrained(dest)
     max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     GenerationConfig(

@@ -19,16 +19,31 @@ node_block_list + keep_io_types), which ships with the onnxruntime we already de
 output has Cast(fp16)→Cast(fp32) round trips between adjacent float32 nodes and appends
 nodes out of order, so the graph is cleaned (round trips folded, dead nodes dropped) and
 topologically sorted before it is written; the ONNX checker with strict types then runs on it.
+
+Memory: the converter runs on the graph alone (the weights stay on disk: it only retypes a
+tensor whose data is not loaded), and the weights are then streamed from model.onnx_data
+into model_fp16.onnx_data chunk by chunk (onnx/external_data.save_streamed, the onnx stage's
+writer), converted on the way with the converter's own function — so the stage holds the
+graph and a few chunks, not the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from exportline.exporters.core.errors import StageError
 from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import Stage, StageContext
-from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph, weightless_copy
+from exportline.exporters.onnx.external_data import (
+    Convert,
+    check_graph,
+    external_data_files,
+    external_slices,
+    load_graph,
+    save_streamed,
+    weightless_copy,
+)
 from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
 from exportline.exporters.onnx.metadata import stamp_derived
 
@@ -185,6 +200,23 @@ def float32_violations(model, nodes: set[str], op_types: tuple[str, ...] = FLOAT
     return bad
 
 
+@contextlib.contextmanager
+def _shapes_from_dims():
+    """The converter declares each retyped initializer's value_info with the shape of
+    `numpy_helper.to_array(tensor)`: it reads the whole tensor (from the working directory,
+    for external data) to learn what `tensor.dims` says. Its shape comes from dims here, so
+    the graph converts with its weights on disk; the value_info written is the same."""
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
 def convert(model, *, keep_io: tuple[str, ...] = KEEP_FLOAT32_IO) -> tuple[Any, dict[str, Any]]:
     """float32 ModelProto (with value_info) → mixed-precision ModelProto and the facts of it.
     `keep_io`: graph inputs/outputs that stay float32. The converter edits `model` in place:
@@ -199,11 +231,12 @@ def convert(model, *, keep_io: tuple[str, ...] = KEEP_FLOAT32_IO) -> tuple[Any, 
     casts_before = sum(n.op_type == "Cast" for n in model.graph.node)
     keep_io = [v.name for v in (*model.graph.input, *model.graph.output) if v.name in keep_io]
     _drop_initializer_value_info(model.graph)
-    converted = convert_float_to_float16(
-        model, keep_io_types=keep_io, disable_shape_infer=True,
-        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FLOAT32_OPS)),
-        node_block_list=sorted(norms | angles),
-    )
+    with _shapes_from_dims():
+        converted = convert_float_to_float16(
+            model, keep_io_types=keep_io, disable_shape_infer=True,
+            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FLOAT32_OPS)),
+            node_block_list=sorted(norms | angles),
+        )
     dedupe_nodes(converted.graph)
     folded = fold_cast_round_trips(converted.graph)
     topological_sort(converted.graph)
@@ -225,9 +258,20 @@ def convert(model, *, keep_io: tuple[str, ...] = KEEP_FLOAT32_IO) -> tuple[Any, 
     }
 
 
+def _direct(ctx: StageContext) -> bool:
+    """No fp32 graph in the bundle (`--stages hf,fp16`): build float16 from the HF weights."""
+    return not ctx.bundle_file(SOURCE).is_file()
+
+
 def _run(ctx: StageContext) -> dict[str, Any]:
-    ctx.progress("fp16: loading onnx/model.onnx")
-    model = load_graph(ctx.bundle_file(SOURCE))
+    return _run_direct(ctx) if _direct(ctx) else _run_from_onnx(ctx)
+
+
+def _run_from_onnx(ctx: StageContext) -> dict[str, Any]:
+    source = ctx.bundle_file(SOURCE)
+    ctx.progress("fp16: loading the graph of onnx/model.onnx (weights stay on disk)")
+    model = load_graph(source, weights=False)
+    external = {t.name: t.data_type for t in model.graph.initializer if t.name in external_slices(model, source)}
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
     converted, facts = convert(model, keep_io=_float32_io(ctx, model))
     del model
@@ -236,9 +280,101 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     stamp_derived(converted, ctx=ctx, precision="fp16", parent=ctx.bundle_file(SOURCE),
                   step=f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands")
     target = ctx.tmp / TARGET
-    files = save_graph(converted, target)
+    ctx.progress("fp16: streaming the weights into model_fp16.onnx_data, tensor by tensor")
+    overflow: dict[str, int] = {}
+    files = save_streamed(converted, source, target, convert=float16_conversions(converted, external, overflow))
     check_graph(target)
-    return {**facts, "files": [f"onnx/{f}" for f in files], "converter": "onnxruntime.transformers.float16"}
+    return {**facts, **_overflow_facts(ctx, overflow), "files": [f"onnx/{f}" for f in files],
+            "converter": "onnxruntime.transformers.float16",
+            "weights": "streamed from model.onnx_data, converted chunk by chunk"}
+
+
+def _run_direct(ctx: StageContext) -> dict[str, Any]:
+    """HF weights (bf16/fp16/fp32 safetensors) → float16 graph, with no fp32 ONNX written:
+    the traced graph is converted without its weights, which are then read from the
+    checkpoint, converted and written one at a time."""
+    import onnx
+
+    from exportline.exporters.onnx.direct import checkpoint_tensors, weightless_proto
+    from exportline.exporters.onnx.export import OPSET, trace_graph
+
+    ir_model, config, weights, tracing = trace_graph(ctx.bundle.root, opset=ctx.options.opset or OPSET,
+                                                     progress=ctx.progress)
+    proto, lazies = weightless_proto(ir_model)
+    del ir_model
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    stored = {t.name: t.data_type for t in proto.graph.initializer if t.name in lazies}
+    ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
+    converted, facts = convert(proto)
+    del proto
+    overflow: dict[str, int] = {}
+    retyped = float16_conversions(converted, stored, overflow)
+    _stamp_direct(ctx, converted, config)
+    target = ctx.tmp / TARGET
+    ctx.progress(f"fp16: streaming {weights.nbytes / 2**30:.2f} GiB of checkpoint weights into model_fp16.onnx_data")
+    files = save_streamed(converted, None, target, tensors=checkpoint_tensors(lazies, retyped))
+    check_graph(target)
+    dtypes = sorted({t.dtype for t in weights.tensors.values()})
+    return {**facts, **_overflow_facts(ctx, overflow), "files": [f"onnx/{f}" for f in files],
+            "converter": "onnxruntime.transformers.float16",
+            "weights": f"direct from the HF safetensors ({', '.join(dtypes)}), no fp32 ONNX written",
+            "tracing": tracing, "architecture": config.model_type}
+
+
+def _stamp_direct(ctx: StageContext, converted, config) -> None:
+    import onnxruntime
+    import torch
+
+    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
+
+    stamp(converted, graph_metadata(source=ctx.source.describe(), precision="fp16", layout=KVLayout.from_config(config), made_by=[
+        f"torch {torch.__version__} torch.export + torch.onnx",
+        f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)",
+        f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands, weights straight from the HF folder",
+    ]))
+
+
+def float16_conversions(converted, stored: dict[str, int], overflow: dict[str, int]) -> dict[str, Convert]:
+    """The external initializers the converter retyped float32 → float16 (it only changes
+    data_type of a tensor whose data is not loaded), converted when written with the
+    converter's own rounding (convert_np_to_float16: clamps to the float16 range, keeps
+    signs and tiny values non-zero), so the values equal an in-memory conversion's.
+    Finite values beyond float16's range (±65504; bf16 reaches 3.4e38) are counted per
+    tensor into `overflow` as they are clamped."""
+    from onnx import TensorProto
+
+    return {
+        t.name: Convert("float32", _to_float16(t.name, overflow)) for t in converted.graph.initializer
+        if stored.get(t.name) == TensorProto.FLOAT and t.data_type == TensorProto.FLOAT16
+    }
+
+
+FLOAT16_MAX = 65504.0
+
+
+def _to_float16(name: str, overflow: dict[str, int]):
+    import numpy as np
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    def convert_chunk(chunk):
+        beyond = int(np.count_nonzero(np.abs(chunk) > FLOAT16_MAX) - np.count_nonzero(np.isinf(chunk)))
+        if beyond:
+            overflow[name] = overflow.get(name, 0) + beyond
+        return convert_np_to_float16(chunk)
+
+    return convert_chunk
+
+
+def _overflow_facts(ctx: StageContext, overflow: dict[str, int]) -> dict[str, Any]:
+    """bf16/fp32 → fp16 overflow, reported in one line and in the record (verify then says
+    whether the clamped model still meets the fp16 bounds)."""
+    if overflow:
+        first = max(overflow, key=overflow.get)
+        ctx.progress(f"fp16: warning: {sum(overflow.values())} weight values in {len(overflow)} tensors exceed "
+                     f"float16's range and were clamped to ±{FLOAT16_MAX:g} (most in {first}); "
+                     "check `exportline verify` before shipping model_fp16.onnx")
+    return {"float16_overflow": {"clamped_values": sum(overflow.values()), "tensors": dict(sorted(overflow.items()))}}
 
 
 def _float32_io(ctx: StageContext, model) -> tuple[str, ...]:
@@ -252,7 +388,12 @@ def _float32_io(ctx: StageContext, model) -> tuple[str, ...]:
 
 
 def _inputs(ctx: StageContext) -> list[str]:
+    if _direct(ctx):
+        from exportline.exporters.sources.weights_reader import weight_files
+
+        return ["config.json", *weight_files(ctx.bundle.root)]
     return [SOURCE, *external_data_files(ctx.bundle.root, SOURCE)]
 
 
-STAGE = Stage(name="fp16", run=_run, inputs=_inputs, versions=("onnx", "onnxruntime"))
+STAGE = Stage(name="fp16", run=_run, inputs=_inputs,
+              versions=("onnx", "onnxruntime", "torch", "transformers", "onnxscript", "onnx-ir"))

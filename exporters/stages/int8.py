@@ -17,14 +17,18 @@ Everything not quantized stays float32 (the graph derives from model.onnx, not t
 
 Calibration is one pass of the fp32 graph over those feeds (exporters/activation_stats.py):
 it measures max |x| per channel, which gives both SmoothQuant's scales and the symmetric
-MinMax range of every quantized activation (after smoothing), so a 1B model is held in
-memory once or twice, not four times (quantize_static calibrating by itself loads it for
-shape inference, for the augmented session, and the reader needs the fp32 model too: 23 GB
-and an OOM kill for the 1b preset on a 24 GB machine).
+MinMax range of every quantized activation (after smoothing). That pass is an ONNX Runtime
+session of the fp32 graph, so it holds the fp32 weights once (the one place this stage
+does); everything else holds the graph without its weights: SmoothQuant is folded into a
+streamed copy of the weights, and the Q/DQ graph is written with each weight read,
+quantized and written one at a time (exporters/precision/qdq_insert.py).
 
-Tool: onnxruntime.quantization.quantize_static (QDQ, ranges from a MinMax calibration
-cache), part of the onnxruntime we already depend on. NVIDIA ModelOpt's ONNX PTQ targets the same form but pulls CUDA
-packages and a second onnxruntime build onto CPU-only machines.
+Numbers and names: onnxruntime.quantization's own functions (compute_scale_zp,
+compute_data_quant_params per channel, quantize_onnx_initializer), in the QDQ layout
+quantize_static writes with a MinMax calibration cache — quantize_static itself loads the
+whole model several times (23 GB and an OOM kill for the 1b preset on a 24 GB machine).
+NVIDIA ModelOpt's ONNX PTQ targets the same form but pulls CUDA packages and a second
+onnxruntime build onto CPU-only machines.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any, Callable
 from exportline.exporters.core.errors import NotAvailable, StageError
 from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
-from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_graph
+from exportline.exporters.onnx.external_data import check_graph, external_data_files, load_graph, save_streamed
 from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
 from exportline.exporters.onnx.metadata import stamp_derived
 from exportline.exporters.precision.activation_stats import channel_absmax
@@ -50,14 +54,15 @@ from exportline.exporters.precision.calibration import (
     spread,
 )
 from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
+from exportline.exporters.precision.smoothing import Streamed, find_groups, input_axis
 from exportline.exporters.precision.smoothing import apply as smooth
-from exportline.exporters.precision.smoothing import find_groups, input_axis
 
 SOURCE = GRAPHS["fp32"].path
 TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
+QUANTIZER = "exportline Q/DQ insertion with onnxruntime.quantization's functions, weights streamed"
 
 
 class KVCalibrationReader:
@@ -140,29 +145,16 @@ def weight_matmuls(model) -> list[str]:
 
 
 def quantize(model_path: Path, out_path: Path, ranges: dict[str, float], *, nodes: list[str]) -> None:
-    """quantize_static of exactly `nodes` with the symmetric activation ranges `ranges`
-    (tensor → max |x|), passed as an onnxruntime MinMax calibration cache so it runs no
-    calibration of its own; writes `out_path` in its own file naming (re-saved later)."""
-    import numpy as np
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+    """The Q/DQ graph of exactly `nodes` with the symmetric activation ranges `ranges`
+    (tensor → max |x|), written to `out_path` (+ its data file): the graph is edited without
+    its weights and each weight is quantized as it is written (exporters/precision/qdq_insert.py,
+    onnxruntime's own quantization functions and names)."""
+    from exportline.exporters.precision.qdq_insert import insert_qdq
 
-    cache = out_path.parent / "ranges.json"
-    data = {name: (np.float32(-m), np.float32(m)) for name, m in ranges.items()}
-    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
-    quantize_static(
-        str(model_path), str(out_path), None, calibration_cache_path=str(cache),
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False,
-        nodes_to_quantize=nodes, use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
-        extra_options={
-            "ActivationSymmetric": True, "WeightSymmetric": True,
-            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-            # B [K, N]: output channels on axis 1; Gemm picks 0 or 1 from transB itself
-            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-            "QuantizeBias": False,  # TensorRT takes float biases; int32 bias DQ is ORT-only
-        },
-    )
+    graph = load_graph(model_path, infer=False, weights=False)
+    converts = insert_qdq(graph, model_path, ranges=ranges, nodes=nodes)
+    topological_sort(graph.graph)
+    save_streamed(graph, model_path, out_path, convert=converts)
 
 
 def _layout(ctx: StageContext):
@@ -209,8 +201,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         raise NotAvailable(f"not available: {exc}") from None
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     ctx.progress(f"int8: calibrating on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
-    model, facts = _quantized(ctx, lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe))
-    files = _write(ctx, model)
+    model, facts, files = _quantized(ctx, lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe))
     feeds = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
@@ -218,7 +209,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         "calibration": {**split.describe(), "sequences": len(chunks), "feeds": feeds,
                         "decode_steps_per_batch": DECODE_STEPS,
                         "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
-        "files": [f"onnx/{f}" for f in files], "quantizer": "onnxruntime.quantization.quantize_static",
+        "files": [f"onnx/{f}" for f in files], "quantizer": QUANTIZER,
     }
 
 
@@ -231,44 +222,51 @@ def _run_declared(ctx: StageContext) -> dict[str, Any]:
     io, _ = bundle_io(ctx.bundle.root)
     feeds = declared_feeds(io, ctx.options.calibration_inputs)
     ctx.progress(f"int8: calibrating on {len(feeds)} feeds ({'--calibration-inputs' if ctx.options.calibration_inputs else 'sampled from the input spec'})")
-    model, facts = _quantized(ctx, lambda path, observe: DeclaredCalibrationReader(path, feeds, observe=observe))
-    files = _write(ctx, model)
+    model, facts, files = _quantized(ctx, lambda path, observe: DeclaredCalibrationReader(path, feeds, observe=observe))
     fed = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
         "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
         "calibration": {"feeds": fed, "inputs": str(ctx.options.calibration_inputs or "sampled from the input spec"),
                         "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
-        "files": [f"onnx/{f}" for f in files], "quantizer": "onnxruntime.quantization.quantize_static",
+        "files": [f"onnx/{f}" for f in files], "quantizer": QUANTIZER,
     }
 
 
 def _quantized(ctx: StageContext, make_reader: Callable):
+    """(Q/DQ graph without its weights, facts, files written): the weights live in the
+    scratch folder until the int8 graph is written, so it is written before scratch goes."""
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
     try:
-        return _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader=make_reader, scratch=scratch)
+        model, facts, quantized = _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader=make_reader,
+                                                       scratch=scratch)
+        return model, facts, _write(ctx, model, quantized)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write(ctx: StageContext, model) -> list[str]:
+def _write(ctx: StageContext, model, quantized: Path) -> list[str]:
+    """The form check (weights read from `quantized`'s folder one at a time), then the int8
+    graph streamed from there into the bundle's model_int8.onnx_data."""
     import onnxruntime
 
-    problems = qdq_form_problems(model)
+    problems = qdq_form_problems(model, base_dir=quantized.parent)
     if problems:
         raise StageError(f"int8: the Q/DQ graph is not in TensorRT's form ({problems[0]}; {len(problems)} problems); this is a bug, please report it")
     topological_sort(model.graph)
     stamp_derived(model, ctx=ctx, precision="int8", parent=ctx.bundle_file(SOURCE),
-                  step=f"exportline SmoothQuant + onnxruntime {onnxruntime.__version__} quantize_static (Q/DQ)")
+                  step=f"exportline SmoothQuant + Q/DQ insertion with onnxruntime {onnxruntime.__version__} quantization functions")
     target = ctx.tmp / TARGET
-    files = save_graph(model, target)
+    files = save_streamed(model, quantized, target)
     check_graph(target)
     return files
 
 
 def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callable, scratch: Path):
-    """One statistics pass on the fp32 graph → SmoothQuant folded into a copy → Q/DQ graph.
-    `make_reader(path, observe)` gives the calibration reader (see KVCalibrationReader)."""
+    """One statistics pass on the fp32 graph → SmoothQuant folded into a streamed copy →
+    Q/DQ graph; the graphs are held without their weights, which are read one at a time.
+    `make_reader(path, observe)` gives the calibration reader (see KVCalibrationReader).
+    Returns the Q/DQ graph (weightless), the facts, and the path its weights are under."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
     if not nodes:
@@ -285,19 +283,23 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callab
 
     with _quiet():
         stats = channel_absmax(source, graph, channels, scratch=scratch / "stats", run=run)
-    del graph
-    model = load_graph(source, infer=False)
-    smoothing, scales = smooth(model, groups, stats)
+    ctx.progress("int8: folding SmoothQuant into a copy of the weights, tensor by tensor")
+    weights = Streamed(graph, source)
+    smoothing, scales = smooth(graph, groups, stats, weights=weights)
     smoothed = scratch / "smoothed" / "model.onnx"
-    save_graph(model, smoothed)
-    del model
+    save_streamed(graph, source, smoothed, convert=weights.converts)
+    del graph, weights
     ranges = {x: float((stats[x] / scales[x]).max() if x in scales else stats[x].max()) for x in channels}
     (scratch / "quantized").mkdir()
+    quantized = scratch / "quantized" / "model_int8.onnx"
+    ctx.progress("int8: quantizing the weights, tensor by tensor")
     with _quiet():
-        quantize(smoothed, scratch / "quantized" / "model_int8.onnx", ranges, nodes=nodes)
-    model = load_graph(scratch / "quantized" / "model_int8.onnx", infer=False)
+        quantize(smoothed, quantized, ranges, nodes=nodes)
+    model = load_graph(quantized, infer=False, weights=False)
     dedicated = dedicate_activation_qdq(model, nodes)
-    return model, {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing, "calibration_feeds": readers[0].feeds}
+    facts = {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing,
+             "calibration_feeds": readers[0].feeds}
+    return model, facts, quantized
 
 
 def dedicate_activation_qdq(model, nodes: list[str]) -> int:

@@ -160,10 +160,11 @@ def _source_tensors(root: Path, source: dict):
         if "model" not in source:
             raise NotAvailable("the manifest does not record the preset's model settings; re-export with --force")
 
-        from exportline.exporters.sources.preset.source import random_init_tensors
+        from exportline.exporters.sources.preset.source import random_init_tensors, weight_dtype
 
         config = AutoConfig.for_model(source["architecture"], **source["model"])
-        yield from random_init_tensors(config, int(source["seed"]))
+        dtype = weight_dtype(source.get("dtype", "float32"))
+        yield from random_init_tensors(config, int(source["seed"]), dtype=dtype)
         return
     from exportline.exporters.sources.hf_folder.source import HFFolderSource
 
