@@ -172,6 +172,8 @@ def _run_forward_bench(root: Path, cfg: BenchConfig, *, factory, progress, comma
         if not torch.cuda.is_available():
             raise NotAvailable("--device cuda: no CUDA GPU visible to torch; run on a GPU host or use --device cpu")
     points = forward_points(io)
+    progress(f"custom module: the forward workload at {', '.join(p.key for p in points)} "
+             "(the declared dims; --batch/--prompt-len/--decode-len/--workloads apply to built-in LMs)")
     cfg = replace(cfg, threads=cfg.threads or physical_cores(), workloads=(WORKLOAD,))
     factory = custom_factory(factory)
 
