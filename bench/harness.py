@@ -24,6 +24,7 @@ from exportline.bench.workloads import WORKLOADS, Point, grid, prepare
 from exportline.exporters.core.bundle import Bundle
 from exportline.exporters.core.errors import ArtifactError, ConfigError, ExportlineError, NotAvailable
 from exportline.exporters.core.shapes import KVLayout
+from exportline.exporters.sources.custom.model import bundle_io, is_custom
 from exportline.verify.runtime.backends import BACKENDS, make_runner
 
 Progress = Callable[[str], None]
@@ -73,15 +74,10 @@ class BackendRun:
 
 
 def _require_bundle(root: Path) -> Bundle:
-    from exportline.exporters.sources.custom.model import is_custom
-
     bundle = Bundle(root)
     if not bundle.manifest_path.is_file() or not (root / "config.json").is_file():
         raise ArtifactError(f"{root} is not an exported bundle (no manifest.json/config.json); "
                             f"export it first: exportline export MODEL --out {root}")
-    if is_custom(root):  # the workloads here are KV-cache prefill/decode of the built-in LMs
-        raise NotAvailable(f"{root} holds a custom module: benchmarking custom modules is not available yet "
-                           "(time its ONNX graphs with onnxruntime directly; see the card's 'How to use')")
     return bundle
 
 
@@ -110,6 +106,8 @@ def run_bench(
     (see report.py) without writing it."""
     cfg.check()
     root = Path(root)
+    if is_custom(root):  # the user's own module: its declared I/O, no KV cache
+        return _run_forward_bench(root, cfg, factory=factory or make_runner, progress=progress, command=command)
     manifest, config = _load_model(root)
     _check_lengths(config, cfg)
     device = Device(cfg.device)
@@ -128,13 +126,14 @@ def run_bench(
                   decode_len=cfg.decode_len)
     factory = factory or make_runner
     cfg = replace(cfg, threads=cfg.threads or physical_cores())
+    prep = lambda point, runner: prepare(point, layout, runner, seed=cfg.seed)  # noqa: E731
     with torch_threads(cfg.threads):
         env = environment(root, manifest, cfg.device)
         passes = []
         for r in range(cfg.rounds):
             order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
             say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
-            done = {name: _run_backend(root, name, points, layout=layout, cfg=cfg, device=device, factory=factory, progress=say) for name in order}
+            done = {name: _run_backend(root, name, points, prep=prep, cfg=cfg, device=device, factory=factory, progress=say) for name in order}
             passes.append(done)
     runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
     results = [row for run in runs for row in run.rows]
@@ -154,6 +153,58 @@ def run_bench(
     }
 
 
+NO_COST_MODEL = "not available: no roofline cost model for a custom module"
+
+
+def _run_forward_bench(root: Path, cfg: BenchConfig, *, factory, progress, command) -> dict:
+    """A custom module's bundle: the `forward` workload at the declared dims' opt and max
+    sizes (bench/forward.py), every backend, same rounds, statistics and speedups."""
+    from exportline.bench.forward import WORKLOAD, custom_factory, forward_feed, forward_points
+    from exportline.bench.workloads import PreparedPoint
+
+    bundle = _require_bundle(root)
+    bundle.require_intact(["config.json"], fast=True)
+    io, _ = bundle_io(root)
+    device = Device(cfg.device)
+    if device.is_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NotAvailable("--device cuda: no CUDA GPU visible to torch; run on a GPU host or use --device cpu")
+    points = forward_points(io)
+    progress(f"custom module: the forward workload at {', '.join(p.key for p in points)} "
+             "(the declared dims; --batch/--prompt-len/--decode-len/--workloads apply to built-in LMs)")
+    cfg = replace(cfg, threads=cfg.threads or physical_cores(), workloads=(WORKLOAD,))
+    factory = custom_factory(factory)
+
+    def prep(point, runner):
+        feed = forward_feed(io, point, seed=cfg.seed)  # built outside the timed region
+        return PreparedPoint(point=point, run=lambda: runner.infer(feed))
+
+    with torch_threads(cfg.threads):
+        env = environment(root, bundle.read_manifest(), cfg.device)
+        passes = []
+        for r in range(cfg.rounds):
+            order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
+            say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
+            passes.append({name: _run_backend(root, name, points, prep=prep, cfg=cfg, device=device,
+                                              factory=factory, progress=say) for name in order})
+    runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
+    results = [row for run in runs for row in run.rows]
+    _add_derived(results, cost=None, ceilings=None)
+    roof = NO_COST_MODEL if device.is_cuda else roofline.CPU_RUN
+    for row in results:
+        row["roofline"] = roof
+    return {
+        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
+        "settings": {**asdict(cfg), "percentile_method": PERCENTILE_METHOD,
+                     "timing": "wall clock per run, device-synchronized on GPU; numpy in/out (runner contract)"},
+        "environment": {**env, "load_average_at_end": load_average()},
+        "model": {"kind": "custom", "declared_io": io.to_dict()},
+        "ceilings": roof, "backends": [run.summary() for run in runs], "results": results, "baseline": None,
+    }
+
+
 @contextmanager
 def torch_threads(n: int):
     """torch and ONNX Runtime get the same number of CPU threads, so a speedup compares
@@ -168,7 +219,7 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _run_backend(root, name, points, *, layout, cfg, device, factory, progress) -> BackendRun:
+def _run_backend(root, name, points, *, prep, cfg, device, factory, progress) -> BackendRun:
     progress(f"{name}: opening")
     opened = open_backend(root, name, device=cfg.device, threads=cfg.threads, factory=factory)
     run = BackendRun(name, "ok" if opened.runner else "not available", opened.reason, opened.session,
@@ -178,7 +229,7 @@ def _run_backend(root, name, points, *, layout, cfg, device, factory, progress) 
         return run
     try:
         for point in points:
-            prepared = prepare(point, layout, opened.runner, seed=cfg.seed)
+            prepared = prep(point, opened.runner)
             timing = time_runs(prepared.run, warmup=cfg.warmup, repeat=cfg.repeat, device=device)
             stats = summarize(timing.samples_s)
             row = {
@@ -188,6 +239,8 @@ def _run_backend(root, name, points, *, layout, cfg, device, factory, progress) 
                 "tokens": point.tokens, "tokens_per_s": point.tokens / stats.median_s,
                 "peak_rss_bytes": timing.peak_rss_bytes, "device_peak_bytes": timing.device_peak_bytes,
             }
+            if hasattr(point, "row_extra"):  # forward: the sizes and the fed shapes
+                row.update(point.row_extra())
             if prepared.splits:  # generate: the timed calls are the last `repeat` ones
                 row["splits"] = prepared.splits[-cfg.repeat:]
             run.rows.append(row)

@@ -130,7 +130,28 @@ def _backends_section(report: dict) -> list[str]:
     return out + [""]
 
 
+def _forward_section(report: dict) -> list[str]:
+    """A custom module's bundle: one forward per point on its declared inputs."""
+    rows = [r for r in report["results"] if r["workload"] == "forward"]
+    out = ["## forward", "", "One forward pass of the custom module on inputs sampled from its declared I/O "
+           "(config.json exportline_io) at the dims' opt and max sizes; items/s = batch ÷ median.", "",
+           "| sizes | input shapes | backend | median ms | p90 ms | p99 ms | items/s | speedup | peak RSS MiB |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        st = r["stats"]
+        sizes = ", ".join(f"{k}={v}" for k, v in r["sizes"].items())
+        shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())
+        out.append(f"| {sizes} | {shapes} | {r['backend']} | {_ms(st['median_s'])} | {_ms(st['p90_s'])} | "
+                   f"{_ms(st['p99_s'])} | {r['tokens_per_s']:.1f} | {_speedup(r['speedup_vs_torch'])} | "
+                   f"{_mib(r['peak_rss_bytes'])} |")
+    out += [f"| | | {b['backend']} | {b['status']}: {_cell(b['reason'])} | | | | | |"
+            for b in report["backends"] if b["status"] != "ok"]
+    return out + [""]
+
+
 def _workload_section(report: dict, workload: str) -> list[str]:
+    if workload == "forward":
+        return _forward_section(report)
     rows = [r for r in report["results"] if r["workload"] == workload]
     unavailable = [b for b in report["backends"] if b["status"] != "ok"]
     if not rows and not unavailable:

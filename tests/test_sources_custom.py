@@ -115,8 +115,6 @@ def test_every_stage_exports_and_verifies(exported):
     assert all(report[s]["status"] == "passed" for s in ("hf", "onnx", "fp16", "int8")), err
     code, err = cli("verify", bundle, "--stage", "onnx")  # the bundle alone suffices
     assert code == 0, err
-    code, err = cli("bench", bundle)  # not built for custom modules yet: said so, in one line
-    assert code != 0 and "not available" in error_line(err)
     traced = report["onnx"]["extra"]["traced"]
     for dim, size in traced.items():  # every dynamic dim was checked at sizes other than the traced one
         assert any(f"{dim}={size}" not in case for case in report["onnx"]["extra"]["cases"])
@@ -405,3 +403,33 @@ def test_presets_and_variants_share_the_parameter_check():
     assert resolve_source("tiny", {"expect_params": f"{count}±0%"}).name == "tiny"
     with pytest.raises(ConfigError, match=r"preset tiny: .* off the expected 15\.8M"):
         resolve_source("tiny", {"expect_params": "15.8M±5%"})
+
+
+def test_bench_times_a_custom_module_on_its_declared_io(tmp_path):
+    """`exportline bench` on the motion module: the forward workload at the declared dims'
+    opt and max sizes; every backend asked for is a measured row or says why not (int8 and
+    TensorRT were not exported here)."""
+    _, ckpt, flags = _motion(tmp_path)
+    code, err = cli("export", ckpt, *flags, "--stages", "hf,onnx,fp16", "--no-verify", "--out", tmp_path / "b")
+    assert code == 0, err
+    backends = ["torch", "onnx", "onnx-fp16", "onnx-int8", "trt-fp16"]
+    code, err = cli("bench", tmp_path / "b", "--backends", ",".join(backends), "--warmup", "1", "--repeat", "3",
+                    "--threads", "1")
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "reports" / "bench.json").read_text())
+    status = {b["backend"]: b for b in report["backends"]}
+    assert [status[b]["status"] for b in backends] == ["ok", "ok", "ok", "not available", "not available"]
+    assert "int8" in status["onnx-int8"]["reason"]
+    assert status["trt-fp16"]["reason"]
+    # the declared dims (motion_inputs.yaml): batch 1..2..4, frames 2..8..40 → opt and max
+    want = [{"poses": [2, 8, 20], "text": [2, 1024], "actions": [2, 8]},
+            {"poses": [4, 40, 20], "text": [4, 1024], "actions": [4, 40]}]
+    for backend in ("torch", "onnx", "onnx-fp16"):
+        rows = [r for r in report["results"] if r["backend"] == backend]
+        assert [r["shapes"] for r in rows] == want and {r["workload"] for r in rows} == {"forward"}
+        assert all(r["stats"]["median_s"] > 0 and r["stats"]["p90_s"] >= r["stats"]["median_s"] for r in rows)
+        assert all(len(r["samples_s"]) == 3 for r in rows)
+    speedups = [r["speedup_vs_torch"] for r in report["results"] if r["backend"] == "onnx"]
+    assert all(isinstance(s, float) and s > 0 for s in speedups)
+    md = (tmp_path / "b" / "reports" / "bench.md").read_text()
+    assert "## forward" in md and "onnx-int8 | not available:" in md

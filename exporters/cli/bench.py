@@ -77,7 +77,8 @@ def bench(
     baseline: BaselineOpt = None,
     fail_over: FailOverOpt = "5%",
 ) -> None:
-    """Time prefill, KV-cache decode and generate for each backend; write DIR/reports/bench.*."""
+    """Time prefill, KV-cache decode and generate for each backend (a custom module's bundle: one
+    forward on its declared inputs); write DIR/reports/bench.*."""
 
     from exportline.bench.compare import parse_threshold
     from exportline.bench.harness import BenchConfig, bench_bundle
