@@ -129,13 +129,7 @@ def run_bench(
     prep = lambda point, runner: prepare(point, layout, runner, seed=cfg.seed)  # noqa: E731
     with torch_threads(cfg.threads):
         env = environment(root, manifest, cfg.device)
-        passes = []
-        for r in range(cfg.rounds):
-            order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
-            say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
-            done = {name: _run_backend(root, name, points, prep=prep, cfg=cfg, device=device, factory=factory, progress=say) for name in order}
-            passes.append(done)
-    runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
+        runs = _run_rounds(root, points, prep=prep, cfg=cfg, device=device, factory=factory, progress=progress)
     results = [row for run in runs for row in run.rows]
     _add_derived(results, cost=cost, ceilings=ceilings)
     return {
@@ -183,13 +177,7 @@ def _run_forward_bench(root: Path, cfg: BenchConfig, *, factory, progress, comma
 
     with torch_threads(cfg.threads):
         env = environment(root, bundle.read_manifest(), cfg.device)
-        passes = []
-        for r in range(cfg.rounds):
-            order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
-            say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
-            passes.append({name: _run_backend(root, name, points, prep=prep, cfg=cfg, device=device,
-                                              factory=factory, progress=say) for name in order})
-    runs = [_pool([p[name] for p in passes]) for name in cfg.backends]
+        runs = _run_rounds(root, points, prep=prep, cfg=cfg, device=device, factory=factory, progress=progress)
     results = [row for run in runs for row in run.rows]
     _add_derived(results, cost=None, ceilings=None)
     roof = NO_COST_MODEL if device.is_cuda else roofline.CPU_RUN
@@ -254,6 +242,18 @@ def _run_backend(root, name, points, *, prep, cfg, device, factory, progress) ->
     if run.status == "failed":
         progress(f"{name}: failed: {run.reason}")
     return run
+
+
+def _run_rounds(root, points, *, prep, cfg, device, factory, progress) -> list:
+    """Every backend over the points, `cfg.rounds` times in alternating (ABBA) order; each
+    backend's rounds pooled into one run, in the order the user named the backends."""
+    passes = []
+    for r in range(cfg.rounds):
+        order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
+        say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
+        passes.append({name: _run_backend(root, name, points, prep=prep, cfg=cfg, device=device,
+                                          factory=factory, progress=say) for name in order})
+    return [_pool([p[name] for p in passes]) for name in cfg.backends]
 
 
 def _pool(runs: list[BackendRun]) -> BackendRun:
