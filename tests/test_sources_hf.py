@@ -95,9 +95,10 @@ def test_greedy_row_allows_only_a_flip_at_a_near_tie():
     thresholds = {"fp32": {"max_abs_over_max_ref": 1e-5, "greedy_identical": True}}
     want = [1] * GREEDY_STEPS
     tie, clear = np.array([0.0, 10.0, 10.0 - 1e-6]), np.array([0.0, 10.0, 9.0])
-    same = _greedy_row(list(want), (want, [clear] * GREEDY_STEPS), "c", thresholds=thresholds)
-    flip_at_tie = _greedy_row([1, 2] + want[2:], (want, [clear, tie] + [clear] * 30), "c", thresholds=thresholds)
-    flip_clear = _greedy_row([1, 2] + want[2:], (want, [clear] * GREEDY_STEPS), "c", thresholds=thresholds)
+    # the reference's teacher-forced logits at each step: argmax 1 throughout
+    same = _greedy_row(list(want), [clear] * GREEDY_STEPS, "c", thresholds=thresholds)
+    flip_at_tie = _greedy_row([1, 2] + want[2:], [clear, tie] + [clear] * 30, "c", thresholds=thresholds)
+    flip_clear = _greedy_row([1, 2] + want[2:], [clear] * GREEDY_STEPS, "c", thresholds=thresholds)
     assert same.passed and flip_at_tie.passed and not flip_clear.passed
     assert flip_clear.metrics["identical_fraction"] == 1 / GREEDY_STEPS
 

@@ -32,15 +32,17 @@ class Reference:
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
-    def greedy(self, prompt: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy tokens for a [1, n] prompt by full forwards; also each step's logits."""
-        ids, tokens, step_logits = np.asarray(prompt), [], []
-        for _ in range(steps):
-            last = self.logits(ids)[0, -1]
-            tokens.append(int(last.argmax()))
-            step_logits.append(last)
-            ids = np.concatenate([ids, [[tokens[-1]]]], axis=1)
-        return tokens, step_logits
+    def teacher_forced(self, prompt: np.ndarray, tokens: list[int]) -> list[np.ndarray]:
+        """The logits a greedy run from the [1, n] `prompt` sees at each step had it produced
+        `tokens`: ONE forward over prompt + tokens[:-1], step i's logits at position n - 1 + i.
+        Where `tokens` first differs from this model's argmax is exactly where this model's
+        own greedy run would first diverge from them (the prefixes agree up to there), and
+        those logits give the margin — what a greedy run would report, for one forward
+        instead of one per token."""
+        ids = np.concatenate([np.asarray(prompt, np.int64), np.asarray([tokens[:-1]], np.int64)], axis=1)
+        logits = self.logits(ids)[0]
+        start = np.asarray(prompt).shape[1] - 1
+        return [logits[start + i] for i in range(len(tokens))]
 
 
 def attention(q, k, v, *, attention_mask):

@@ -3,8 +3,10 @@
 Every output (logits and every present.*) over every case of verify/cases.py, judged by
 the fp32 thresholds; plus greedy decoding that must be token-identical to HF torch fp32.
 
-The three models are held one at a time (float64 reference, torch fp32, ORT session),
-so a 1B bundle needs the float64 copy (8 GB) at most, never all three together.
+The float64 reference and torch fp32 run streamed (verify/runtime/streamed.py: each
+module's weights are read from the bundle's safetensors as it runs), so neither holds a
+whole model: a 1B bundle holds its float64 embedding (0.5 GB) at most. They run first and
+are freed before the ORT session opens, so the session is the largest thing held.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ class Expected:
 
 
 def float64_expectations(ctx: CheckContext, stage: str, *, greedy: bool) -> Expected:
-    """Run the float64 reference once over every case and free it before the candidate
-    loads: at 1B the float64 copy alone is 8 GB."""
+    """Run the float64 reference (streamed: one module's weights at a time) once over every
+    case, before the candidate loads."""
     ctx.progress(f"{stage}: float64 reference")
-    with make_runner(ctx.root, "torch", dtype="float64") as reference:
+    with make_runner(ctx.root, "torch", dtype="float64", streamed=True) as reference:
         layout = reference.layout
         cases = build_cases(layout, long=ctx.options.get("long", 64))
         runs = Materialized(reference, layout)
@@ -77,7 +79,7 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
     layout, cases, expected, prompt = (
         expectations.layout, expectations.cases, expectations.outputs, expectations.prompt)
     ctx.progress(f"{stage}: torch float32 greedy ({GREEDY_TOKENS} tokens)")
-    with make_runner(ctx.root, "torch", dtype="float32") as torch32:
+    with make_runner(ctx.root, "torch", dtype="float32", streamed=True) as torch32:
         torch_tokens = greedy_tokens(torch32, layout, prompt)
     del torch32
     gc.collect()

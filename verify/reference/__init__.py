@@ -34,16 +34,18 @@ class HFReference(Reference):
     def logits(self, input_ids, attention_mask=None):
         return hf_logits(self.model, input_ids, attention_mask)
 
-    def greedy(self, prompt, steps):
-        return hf_greedy(self.model, prompt, steps)
 
-
-def load_hf_model(root: Path, dtype: str, trust_remote_code: bool = False):
+def load_hf_model(root: Path, dtype: str, trust_remote_code: bool = False, *, streamed: bool = True):
+    """The bundle's HF model; `streamed` (verify's way): weights read per module as it runs
+    (verify/runtime/streamed.py), so a 1B float64 model holds ~0.5 GB of weights, not 8 GB."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from exportline.exporters.sources.hf_writer import quiet_transformers
+    from exportline.verify.runtime.streamed import streamed_model
 
+    if streamed:
+        return streamed_model(root, dtype, trust_remote_code=trust_remote_code)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.eval()

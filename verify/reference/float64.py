@@ -44,10 +44,10 @@ def _try(module: Any, forward, make_args) -> bool:
     import torch
 
     args = make_args(module)
-    with torch.no_grad():
-        before = module.forward(*args)
+    with torch.no_grad():  # called, not .forward(): a streamed module loads its weights in its hooks
+        before = module(*args)
         module.forward = types.MethodType(forward, module)
-        after = module.forward(*args)
+        after = module(*args)
     pairs = zip(before, after) if isinstance(before, tuple) else [(before, after)]
     if all(float((a - b).norm() / b.norm().clamp_min(1e-300)) <= _AGREE for a, b in pairs):
         return True

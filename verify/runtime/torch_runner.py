@@ -2,6 +2,8 @@
 
 The float64 instance of this runner is the verification reference (DESIGN.md §6); the
 float32 one is "the HF stage" that every exported graph must reproduce token for token.
+Verification runs both `streamed` (verify/runtime/streamed.py): weights are read per
+module as it runs, so neither holds a whole model.
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ class TorchRunner(Runner):
         dtype: str = "float32",
         device: str = "cpu",
         exact: bool = True,
+        streamed: bool = False,
     ) -> None:
         """`exact` (float64 only): rebind transformers' float32-internal RMSNorm and rotary
-        embedding to float64 (verify/runners/float64.py), so the reference is float64 throughout."""
+        embedding to float64 (verify/reference/float64.py), so the reference is float64 throughout.
+        `streamed` (model_dir only): hold one module's weights at a time, read from the
+        folder's safetensors as each module runs — bit-identical outputs, every forward
+        re-reads the weights."""
         super().__init__()
         if (model_dir is None) == (model is None):
             raise ConfigError("TorchRunner: give exactly one of model_dir or model")
+        if streamed and model is not None:
+            raise ConfigError("TorchRunner: streamed reads the weights from model_dir; an in-memory model is already held")
         if dtype not in DTYPES:
             raise ConfigError(f"TorchRunner: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         self.model_dir = Path(model_dir) if model_dir is not None else None
@@ -45,6 +53,7 @@ class TorchRunner(Runner):
         self.name = f"torch-{dtype}-{device}"
         self._given = model
         self.exact = exact and dtype == "float64"
+        self.streamed = streamed
         self.model: Any = None
         self.layout: KVLayout | None = None
         self.float64_rebound: list[str] = []  # what `exact` rebound, for the report
@@ -71,9 +80,13 @@ class TorchRunner(Runner):
     def _load(self, torch_dtype):
         from transformers import AutoModelForCausalLM
 
+        from exportline.verify.runtime.streamed import streamed_model
+
         if not (self.model_dir / "config.json").is_file():
             raise ArtifactError(f"{self.model_dir} has no config.json; run the hf stage: exportline export SOURCE --stages hf")
         try:
+            if self.streamed:
+                return streamed_model(self.model_dir, self.dtype, device=self.device)
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype, local_files_only=True)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -91,13 +104,13 @@ class TorchRunner(Runner):
         import torch
         from transformers import DynamicCache
 
-        layout, param = self.layout, next(self.model.parameters())
+        layout, dtype = self.layout, getattr(torch, self.dtype)
 
-        def tensor(name: str, float_: bool = False):
+        def tensor(name: str, float_: bool = False):  # not a parameter's device: streamed ones are on meta
             if name not in feed:
                 raise ConfigError(f"{self.name}: the feed has no {name!r}; inputs are named as in exporters/shapes.py")
             t = torch.from_numpy(np.ascontiguousarray(feed[name]))
-            return t.to(device=param.device, dtype=param.dtype if float_ else torch.int64)
+            return t.to(device=self.device, dtype=dtype if float_ else torch.int64)
 
         past = [
             (tensor(f"past_key_values.{i}.key", True), tensor(f"past_key_values.{i}.value", True))
