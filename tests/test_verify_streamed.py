@@ -114,6 +114,23 @@ def test_streamed_model_holds_at_most_the_largest_module(tmp_path):
     assert model.streamed_stats.read >= total // 2  # every weight read (float32 on disk)
 
 
+def test_what_streaming_keeps_does_not_grow_with_depth(tmp_path):
+    """Held parameters and the spare-buffer pool: the same for 2 and 6 layers."""
+    import torch
+
+    from exportline.verify.runtime.streamed import streamed_model
+
+    kept = []
+    for layers in (2, 6):
+        model = streamed_model(_saved(lambda: _llama(layers=layers), tmp_path / str(layers)), "float64")
+        with torch.no_grad():
+            model(input_ids=torch.arange(12)[None])
+        stats = model.streamed_stats
+        kept.append((stats.peak, stats.pooled))
+        assert stats.read == sum(p.numel() for p in model.parameters()) * 4  # float32 on disk, each read once
+    assert kept[0] == kept[1] and kept[0][1] > 0
+
+
 def test_teacher_forced_reference_sees_what_its_greedy_loop_sees(tmp_path):
     """One forward over the prompt + tokens gives, at each step, the logits the reference's
     own greedy loop (KV cache) computes: same argmax, same values to float64 rounding."""

@@ -56,11 +56,13 @@ class SafetensorsFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def read(self, name: str):
+    def read(self, name: str, out=None):
+        """Tensor `name` as stored, into `out` when given (its dtype and shape), else a new one."""
         import torch
 
         e = self.entries[name]
-        out = torch.empty(e.shape, dtype=getattr(torch, _DTYPES[e.dtype]))
+        if out is None:
+            out = torch.empty(e.shape, dtype=getattr(torch, _DTYPES[e.dtype]))
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         fd = os.open(e.path, os.O_RDONLY)
         try:
@@ -169,10 +171,29 @@ def stream_parameters(model, files: SafetensorsFiles, device: str) -> StreamStat
 
 class StreamStats:
     """Bytes of parameters the hooks hold now and at most (the streaming property is
-    asserted on counts, not timing), and bytes read in all."""
+    asserted on counts, not timing), bytes read in all, and the pool's spare buffers."""
 
     def __init__(self):
         self.now = self.peak = self.read = 0
+        self.pool: dict[tuple, Any] = {}
+
+    def buffer(self, dtype, shape, device: str = "cpu"):
+        """A spare buffer of this kind, else a new one. Without the pool a 1B model's every
+        forward allocates 4 GB afresh, and the kernel faults in and zeroes each page
+        (measured on 1b verify: 41 M minor faults, 66 s of system time); with it the
+        buffers are reused. One spare per (dtype, shape, device): a layer's worth plus the
+        embedding's, whatever the depth."""
+        import torch
+
+        spare = self.pool.pop((dtype, tuple(shape), device), None)
+        return spare if spare is not None else torch.empty(shape, dtype=dtype, device=device)
+
+    def spare(self, t) -> None:
+        self.pool[(t.dtype, tuple(t.shape), str(t.device))] = t
+
+    @property
+    def pooled(self) -> int:
+        return sum(t.nbytes for t in self.pool.values())
 
 
 def _hook(module, keys: dict[str, str], meta: dict[str, Any], files: SafetensorsFiles, *, device: str,
@@ -181,16 +202,23 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], files: Safetensors
 
     def load(mod, args):
         for n, key in keys.items():
-            t = files.read(key)
+            entry, want = files.entries[key], meta[n]
+            stored = getattr(torch, _DTYPES[entry.dtype])
+            t = files.read(key, stats.buffer(stored, entry.shape))
             stats.read += t.nbytes
-            t = t.to(device=device, dtype=meta[n].dtype)
+            if stored != want.dtype or device != "cpu":  # float32 on disk, float64 model: convert into a buffer too
+                t, raw = stats.buffer(want.dtype, entry.shape, device), t
+                t.copy_(raw)  # the same conversion as .to(dtype): float32 → float64 is exact
+                stats.spare(raw)
             mod._parameters[n] = torch.nn.Parameter(t, requires_grad=False)
             stats.now += t.nbytes
         stats.peak = max(stats.peak, stats.now)
 
     def drop(mod, args, output):
         for n, p in meta.items():
-            stats.now -= mod._parameters[n].nbytes
+            t = mod._parameters[n]
+            stats.now -= t.nbytes
+            stats.spare(t.data)
             mod._parameters[n] = p
 
     module.register_forward_pre_hook(load)
