@@ -49,42 +49,24 @@ def _saved(make, path):
     return path
 
 
-def _whole(root, dtype: str):
-    """from_pretrained, each weight then copied into a fresh buffer. from_pretrained's float32
-    tensors sit where they lie in the safetensors mapping (any 8-byte offset), and CPU BLAS
-    rounds differently for differently aligned operands (measured: lm_head of the tiny GPT-2,
-    last-bit differences, gone after .clone()); the streamed reads land in fresh, aligned
-    buffers. Same values, same computation: bit-identical is then the bar."""
-    import torch
-
-    from exportline.verify.reference import load_hf_model
-
-    model = load_hf_model(root, dtype, streamed=False)
-    with torch.no_grad():
-        for p in {id(p): p for p in model.parameters()}.values():
-            p.data = p.data.clone()
-    return model
-
-
 @pytest.mark.parametrize("arch", sorted(MODELS))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_streamed_runner_is_bit_identical_to_the_whole_model(arch, dtype, tmp_path):
-    from exportline.verify.metrics import compare
-
+    """Against from_pretrained itself. (A float32 weight copied into a fresh buffer would not
+    do: CPU BLAS rounds by the operands' alignment — measured on the tiny GPT-2's lm_head —
+    and the streamed tensors are mapped where the file puts them, as transformers maps them.)"""
     root = _saved(MODELS[arch], tmp_path / arch)
-    with (TorchRunner(model=_whole(root, dtype), dtype=dtype) as whole, TorchRunner(root, dtype=dtype) as loaded,
-          TorchRunner(root, dtype=dtype, streamed=True) as streamed):
+    with TorchRunner(root, dtype=dtype) as whole, TorchRunner(root, dtype=dtype, streamed=True) as streamed:
         assert streamed.float64_rebound == whole.float64_rebound  # the rebinding check ran on real weights
         if dtype == "float64" and arch != "gpt2":
             assert streamed.float64_rebound == ["RMSNorm", "rotary embedding"]
         layout = whole.layout
         a, b = Materialized(whole, layout), Materialized(streamed, layout)
         for case in build_cases(layout, long=16):  # prefill, padded batch, decode after a past
-            (feed, want), (_, got) = a.run(case), b.run(case)
+            (_, want), (_, got) = a.run(case), b.run(case)
             assert set(got) == set(want)
             for name in want:
                 assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), (case.name, name)
-            assert compare(got["logits"], loaded.infer(feed)["logits"]).rel_l2 < 1e-6  # as loaded: rounding apart
         assert all(p.is_meta for p in streamed.model.parameters())  # nothing left loaded between forwards
 
 

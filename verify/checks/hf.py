@@ -135,25 +135,25 @@ def _greedy_row(got: list[int], forced: list[np.ndarray], case: str, *, threshol
 
 def _weights_row(root: Path, source: dict) -> CheckRow:
     """Every tensor of the bundle against the source's, bit for bit, one tensor at a time
-    (a 1B model is never held twice)."""
+    (a 1B model is never held twice). Bundle tensors are read into fresh buffers, not through
+    safetensors' mapping of the whole file: its touched pages stayed resident (measured on
+    1b: 3.6 GiB of RSS)."""
     import torch
-    from safetensors import safe_open
 
-    from exportline.exporters.sources.weights_reader import shard_paths
+    from exportline.verify.runtime.streamed import SafetensorsFiles
 
-    handles = [safe_open(str(p), framework="pt") for p in shard_paths(root)]
-    where = {k: h for h in handles for k in h.keys()}
+    where = SafetensorsFiles(root)
     seen, bad, max_abs = set(), [], 0.0
     for name, want in _source_tensors(root, source):
         seen.add(name)
-        got = where[name].get_tensor(name) if name in where else None
+        got = where.read(name) if name in where else None
         if got is None or got.shape != want.shape or got.dtype != want.dtype:
             bad.append(name)
             continue
         if not torch.equal(got, want):
             bad.append(name)
             max_abs = max(max_abs, float((got.double() - want.double()).abs().max()))
-    bad += sorted(set(where) - seen)
+    bad += sorted(set(where.entries) - seen)
     metrics = {"tensors": float(len(seen)), "mismatched": float(len(bad)), "max_abs": max_abs}
     note = f"first mismatch: {bad[0]}" if bad else "all bit-identical"
     return judge(STAGE, "all weights", "weights", shape=(len(seen),), metrics=metrics, bounds={"mismatched": 0.0, "max_abs": 0.0}, note=note)

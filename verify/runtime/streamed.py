@@ -8,10 +8,15 @@ tensors back. So at most one module's weights are held at once (the embedding or
 is the largest), whatever the depth: a 1B float64 reference needs ~0.5 GB of weights, not
 8 GB. The price is that every forward reads every weight again (page cache, usually).
 
-Tensors are read with pread into new buffers rather than through safetensors' mmap:
-mapped pages that were touched stay resident (and count in RSS) while the file is mapped.
-The header is the documented safetensors layout: 8 bytes little-endian header length,
-then JSON {name: {dtype, shape, data_offsets}}, offsets relative to the end of the header.
+A weight is used where it lies: each tensor gets a mapping of just its own bytes, released
+when the module is done with it, so mapped pages count in RSS only while their module runs
+(a mapping of the whole file kept open would keep every page touched so far resident). A
+float64 model converts from that mapping into a reused buffer. Reading into fresh buffers
+instead made every 1B forward copy 4 GB (and fault in 4 GB of new pages); the mapping is
+what transformers uses too, so a float32 streamed model is bit-identical to from_pretrained's
+(CPU BLAS rounding depends on the operands' alignment, which a mapping preserves). The
+header is the documented safetensors layout: 8 bytes little-endian header length, then JSON
+{name: {dtype, shape, data_offsets}}, offsets relative to the end of the header.
 A tied lm_head reads the embedding's tensor; persistent buffers stored in the files are
 loaded once, as from_pretrained does.
 """
@@ -43,8 +48,8 @@ class _Entry:
 
 
 class SafetensorsFiles:
-    """Tensor name → where its bytes lie in the folder's *.safetensors; `read(name)` returns
-    a new tensor holding them (nothing mapped, nothing cached)."""
+    """Tensor name → where its bytes lie in the folder's *.safetensors; `read(name)` copies
+    them into a new tensor, `mapped(name)` maps just them (unmapped when the tensor is freed)."""
 
     def __init__(self, root: Path):
         from exportline.exporters.sources.weights_reader import shard_paths
@@ -56,13 +61,11 @@ class SafetensorsFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def read(self, name: str, out=None):
-        """Tensor `name` as stored, into `out` when given (its dtype and shape), else a new one."""
+    def read(self, name: str):
         import torch
 
         e = self.entries[name]
-        if out is None:
-            out = torch.empty(e.shape, dtype=getattr(torch, _DTYPES[e.dtype]))
+        out = torch.empty(e.shape, dtype=getattr(torch, _DTYPES[e.dtype]))
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         fd = os.open(e.path, os.O_RDONLY)
         try:
@@ -75,6 +78,27 @@ class SafetensorsFiles:
         finally:
             os.close(fd)
         return out
+
+    def mapped(self, name: str):
+        import mmap
+        import warnings
+
+        import torch
+
+        e = self.entries[name]
+        dtype = getattr(torch, _DTYPES[e.dtype])
+        if e.end == e.begin:
+            return torch.empty(e.shape, dtype=dtype)
+        start = e.begin - e.begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(e.path, "rb") as f:
+                region = mmap.mmap(f.fileno(), e.end - start, offset=start, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            raise ArtifactError(f"{e.path} ends inside tensor {name}; re-run the hf stage with --force") from None
+        with warnings.catch_warnings():  # a read-only buffer: nothing writes to weights in inference
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(region, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize, offset=e.begin - start)
+        return flat.view(e.shape)  # the tensor holds `region`; freeing it unmaps
 
 
 def _header(path: Path) -> dict[str, _Entry]:
@@ -178,11 +202,10 @@ class StreamStats:
         self.pool: dict[tuple, Any] = {}
 
     def buffer(self, dtype, shape, device: str = "cpu"):
-        """A spare buffer of this kind, else a new one. Without the pool a 1B model's every
-        forward allocates 4 GB afresh, and the kernel faults in and zeroes each page
-        (measured on 1b verify: 41 M minor faults, 66 s of system time); with it the
-        buffers are reused. One spare per (dtype, shape, device): a layer's worth plus the
-        embedding's, whatever the depth."""
+        """A spare buffer of this kind, else a new one: converted weights (float64, or on a
+        GPU) reuse their buffers, or a 1B float64 forward would allocate 8 GB afresh for the
+        kernel to fault in and zero. One spare per (dtype, shape, device): a layer's worth
+        plus the embedding's, whatever the depth."""
         import torch
 
         spare = self.pool.pop((dtype, tuple(shape), device), None)
@@ -200,16 +223,15 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], files: Safetensors
           stats: StreamStats) -> None:
     import torch
 
+    converted: set[str] = set()
+
     def load(mod, args):
         for n, key in keys.items():
-            entry, want = files.entries[key], meta[n]
-            stored = getattr(torch, _DTYPES[entry.dtype])
-            t = files.read(key, stats.buffer(stored, entry.shape))
+            t = files.mapped(key)
             stats.read += t.nbytes
-            if stored != want.dtype or device != "cpu":  # float32 on disk, float64 model: convert into a buffer too
-                t, raw = stats.buffer(want.dtype, entry.shape, device), t
-                t.copy_(raw)  # the same conversion as .to(dtype): float32 → float64 is exact
-                stats.spare(raw)
+            if t.dtype != meta[n].dtype or device != "cpu":  # float32 on disk, float64 model: convert
+                t = stats.buffer(meta[n].dtype, t.shape, device).copy_(t)  # as .to(dtype); float32 → float64 is exact
+                converted.add(n)
             mod._parameters[n] = torch.nn.Parameter(t, requires_grad=False)
             stats.now += t.nbytes
         stats.peak = max(stats.peak, stats.now)
@@ -218,8 +240,10 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], files: Safetensors
         for n, p in meta.items():
             t = mod._parameters[n]
             stats.now -= t.nbytes
-            stats.spare(t.data)
-            mod._parameters[n] = p
+            if n in converted:
+                stats.spare(t.data)
+            mod._parameters[n] = p  # a mapped tensor is freed here, and its mapping with it
+        converted.clear()
 
     module.register_forward_pre_hook(load)
     module.register_forward_hook(drop)
