@@ -2,7 +2,10 @@
 config) and reading back its config and tensors without building a model.
 
 Every source's `write_hf` ends here, so the folder layout (DESIGN.md §2) and the handling
-of a full disk are decided once.
+of a full disk are decided once. Weights are written as they are made, one tensor held at
+a time: a preset's random init (write_hf_stream) and the nanoGPT / llama2.c conversions
+(write_hf_converted, byte for byte save_file's layout). write_hf_weights takes a whole
+state dict, for sources that have one anyway (an nn.Module of the user's, a training state).
 """
 
 from __future__ import annotations

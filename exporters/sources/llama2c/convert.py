@@ -14,7 +14,9 @@ The formats are what karpathy/llama2.c `export.py` writes (run.c reads v0, runq.
   the norms in fp32, then every matrix (one per layer) as Q8_0: int8 values followed by
   one fp32 scale per group. Read dequantised exactly as runq.c does (q * scale in fp32),
   so the HF model and the verify reference both hold the dequantised weights.
-Read with numpy; no pickle.
+Read with numpy; no pickle. The hf stage reads one HF tensor at a time (`hf_tensors`: a
+pread of one layer's slice, nothing left mapped), so it holds a tensor, not the model;
+`read_tensors` maps the whole file for the float64 reference and the tests.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ nanoGPT named its parameters after GPT-2, so the key map is the identity except 
 three things: the four Conv1D weights are stored transposed by HF, HF GPT-2 always has
 biases (nanoGPT's `bias=False` becomes zeros), and lm_head is tied to wte. Everything
 needed to undo the conversion bit for bit is recorded in config.json under `nanogpt`.
+The checkpoint is memory-mapped and converted one tensor at a time (`hf_plan` checks it
+from metadata, `hf_tensors` makes each HF tensor and drops the pages it read).
 """
 
 from __future__ import annotations
