@@ -172,11 +172,11 @@ def print_table(rows: list[dict], *, settings: dict, load: dict) -> None:
                 "prefill ÷ exportline", "decode ÷ exportline", "greedy = exportline"):
         table.add_column(col, justify="left" if col == "peer" else "right")
     for r in rows:
-        if r["status"] != "ok":
-            table.add_row(r["peer"], f"not available: {r['reason']}", *[""] * 8)
+        if r["status"] != "ok":  # the reason goes under the table, whole: a cell would wrap it
+            table.add_row(r["peer"], "not available", *["—"] * 8)
             continue
         if isinstance(r.get("latency"), str):
-            latency = [r["latency"], "", "", "", ""]
+            latency = [r["latency"].split(":")[0], "—", "—", "—", "—"]
         else:
             same = [c["greedy_equals_exportline"] for c in r["logits_check"].values() if c]
             latency = [_ms(r.get("prefill_ms")), _ms(r.get("decode_ms")),
@@ -186,6 +186,11 @@ def print_table(rows: list[dict], *, settings: dict, load: dict) -> None:
                       _num(r["total_bytes"] / 1e6, ".1f"), *latency)
     console = Console(width=200)
     console.print(table)
+    for r in rows:
+        if r["status"] != "ok":
+            console.print(f"{r['peer']}: not available: {r['reason']}", soft_wrap=True, highlight=False, markup=False)
+        elif isinstance(r.get("latency"), str):
+            console.print(f"{r['peer']}: latency {r['latency']}", soft_wrap=True, highlight=False, markup=False)
     console.print(f"load average (1/5/15 min): start {load['start']}, end {load['end']}; ratios are medians of this run")
 
 
