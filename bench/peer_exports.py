@@ -44,6 +44,7 @@ class Export:
     folder: str = ""
     graph: str = ""  # the fp32 model.onnx the latency runs time
     command: list[str] = field(default_factory=list)
+    stage_wall_s: float | None = None  # exportline: the onnx stage alone (its pipeline record), without start-up
 
     @property
     def total_bytes(self) -> int:
@@ -90,7 +91,8 @@ def export_exportline(source: str, bundle: Path, *, overrides: list[str]) -> Exp
         return Export("exportline", "not available", f"onnx stage failed: {exc}", command=cmd)
     files = {rel: (bundle / rel).stat().st_size for rel in record.get("outputs", [])}
     return Export("exportline", "ok", wall_s=round(wall, 2), peak_rss_bytes=usage.ru_maxrss * 1024, files=files,
-                  folder=str(bundle), graph=str(bundle / "onnx" / "model.onnx"), command=cmd)
+                  folder=str(bundle), graph=str(bundle / "onnx" / "model.onnx"), command=cmd,
+                  stage_wall_s=record.get("wall_s"))
 
 
 def _tool_command(peer: str, python: Path, hf: Path, *, out: Path, cache: Path) -> list[str]:

@@ -35,7 +35,7 @@ def test_three_peers_export_and_time_the_same_model(tmp_path):
     assert list(rows) == ["exportline", "optimum", "genai"]
     for peer, row in rows.items():
         assert row["status"] == "ok", row["reason"]
-        for key in ("wall_s", "peak_rss_bytes", "total_bytes", "prefill_ms", "decode_ms",
+        for key in ("wall_s", "peak_rss_bytes", "total_bytes", "prefill_ms", "decode_ms", "prefill_min_ms", "decode_min_ms",
                     "prefill_ratio_vs_exportline", "decode_ratio_vs_exportline"):
             assert _positive(row[key]), (peer, key, row[key])
         assert row["peak_rss_bytes"] > 100 * 2**20  # a child that imported torch, not the parent
@@ -47,6 +47,7 @@ def test_three_peers_export_and_time_the_same_model(tmp_path):
             assert check["greedy_equals_exportline"] and check["rel_max_diff_vs_exportline"] < 1e-4, (peer, point, check)
         assert peer in proc.stdout
     assert rows["exportline"]["prefill_ratio_vs_exportline"] == 1.0
+    assert 0 < rows["exportline"]["stage_wall_s"] < rows["exportline"]["wall_s"]
     # The exportline row is the onnx stage: the files its manifest record lists, at their sizes.
     manifest = json.loads((out / "exportline" / "manifest.json").read_text())
     stage_files = manifest["stages"]["onnx"]["outputs"]
