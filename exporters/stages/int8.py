@@ -74,9 +74,9 @@ class KVCalibrationReader:
     runs this way, so one session both produces the past and measures the activations)."""
 
     def __init__(self, model_path: Path, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS,
-                 observe: tuple[list[str], Callable] | None = None):
+                 observe: tuple[list[str], Callable] | None = None, level=None):
         self.model_path, self.chunks, self.layout, self.decode_steps = model_path, chunks, layout, decode_steps
-        self.observe = observe
+        self.observe, self.level = observe, level  # level: onnxruntime GraphOptimizationLevel (None: its default)
         self.feeds = 0
         self._it = None
 
@@ -92,35 +92,59 @@ class KVCalibrationReader:
         for _ in self._generate():
             pass
 
-    def _generate(self):
+    def plan(self) -> list[dict]:
+        """Every feed in order: a prefill (empty past), then one-token decode steps whose past
+        is segmented_stats.Recurrent — the previous feed's presents, of the shape given."""
         import numpy as np
-        import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
-        presents = self.layout.present_names()
-        observed, callback = self.observe or ([], None)
+        from exportline.exporters.precision.segmented_stats import Recurrent
+
+        feeds = []
         for start in range(0, len(self.chunks), BATCH):
             ids = np.asarray(self.chunks[start : start + BATCH], dtype=np.int64)
             batch, total = ids.shape
             prefill = total - self.decode_steps
-            empty = np.zeros((batch, self.layout.num_kv_heads, 0, self.layout.head_dim), np.float32)
-            past = {name: empty for name in self.layout.past_names()}
             for begin, end in [(0, prefill)] + [(p, p + 1) for p in range(prefill, total)]:
-                feed = {
+                cache = (batch, self.layout.num_kv_heads, begin, self.layout.head_dim)
+                feeds.append({
                     "input_ids": ids[:, begin:end],
                     "attention_mask": np.ones((batch, end), np.int64),
                     "position_ids": np.tile(np.arange(begin, end, dtype=np.int64), (batch, 1)),
-                    **past,
-                }
-                self.feeds += 1
-                yield feed
-                if end < total or callback:  # the next step's past, and what is observed
-                    values = session.run(presents + observed, feed)
-                    past = dict(zip(self.layout.past_names(), values))
-                    if callback:
-                        callback(values[len(presents):])
+                    **{name: np.zeros(cache, np.float32) if begin == 0 else Recurrent(cache)
+                       for name in self.layout.past_names()},
+                })
+        return feeds
+
+    def recurrence(self) -> dict[str, str]:
+        """past input → the present output it is fed from."""
+        return dict(zip(self.layout.past_names(), self.layout.present_names()))
+
+    def _generate(self):
+        """The whole fp32 graph in one session over plan(): the reference the segmented
+        statistics are tested against, and onnxruntime's calibrators' reader."""
+        import onnxruntime as ort
+
+        from exportline.exporters.precision.segmented_stats import Recurrent
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.level is not None:
+            opts.graph_optimization_level = self.level
+        session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        presents = self.layout.present_names()
+        observed, callback = self.observe or ([], None)
+        feeds, past = self.plan(), {}
+        for k, planned in enumerate(feeds):
+            feed = {n: past[n] if isinstance(v, Recurrent) else v for n, v in planned.items()}
+            self.feeds += 1
+            yield feed
+            following = feeds[k + 1] if k + 1 < len(feeds) else None
+            recurs = following is not None and any(isinstance(v, Recurrent) for v in following.values())
+            if recurs or callback:  # the next step's past, and what is observed
+                values = session.run(presents + observed, feed)
+                past = dict(zip(self.layout.past_names(), values))
+                if callback:
+                    callback(values[len(presents):])
 
 
 def lm_head_nodes(model) -> list[str]:
@@ -201,16 +225,47 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         raise NotAvailable(f"not available: {exc}") from None
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     ctx.progress(f"int8: calibrating on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
-    model, facts, files = _quantized(ctx, lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe))
+    reader = KVCalibrationReader(ctx.bundle_file(SOURCE), chunks, layout)
+    model, facts, files = _quantized(ctx, _segmented(reader))
     feeds = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
         "scheme": "int8 symmetric (zero point 0), per-channel weights (MatMul B axis 1), per-tensor activations",
         "calibration": {**split.describe(), "sequences": len(chunks), "feeds": feeds,
                         "decode_steps_per_batch": DECODE_STEPS,
-                        "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass"},
+                        "method": "symmetric MinMax (max |x| per tensor), from the one fp32 statistics pass, "
+                                  "run one segment of about a decoder layer at a time",
+                        "segments": facts.pop("calibration_segments")},
         "files": [f"onnx/{f}" for f in files], "quantizer": QUANTIZER,
     }
+
+
+def _segmented(reader: KVCalibrationReader) -> Callable:
+    """The statistics pass of a built-in LM: segmented_stats over the reader's feed plan."""
+    from exportline.exporters.precision.segmented_stats import segmented_absmax
+
+    def statistics(source: Path, graph, channels: dict[str, int], scratch: Path):
+        plan = reader.plan()
+        stats, facts = segmented_absmax(source, graph, channels, feeds=plan, recurrence=reader.recurrence(), scratch=scratch)
+        return stats, {"calibration_feeds": len(plan), "calibration_segments": facts}
+
+    return statistics
+
+
+def _whole_graph(make_reader: Callable) -> Callable:
+    """The statistics pass of a custom module: one session of the whole fp32 graph."""
+
+    def statistics(source: Path, graph, channels: dict[str, int], scratch: Path):
+        readers = []
+
+        def run(path, observe):
+            readers.append(make_reader(path, observe))
+            readers[-1].drain()
+
+        stats = channel_absmax(source, graph, channels, scratch=scratch, run=run)
+        return stats, {"calibration_feeds": readers[0].feeds}
+
+    return statistics
 
 
 def _run_declared(ctx: StageContext) -> dict[str, Any]:
@@ -222,7 +277,7 @@ def _run_declared(ctx: StageContext) -> dict[str, Any]:
     io, _ = bundle_io(ctx.bundle.root)
     feeds = declared_feeds(io, ctx.options.calibration_inputs)
     ctx.progress(f"int8: calibrating on {len(feeds)} feeds ({'--calibration-inputs' if ctx.options.calibration_inputs else 'sampled from the input spec'})")
-    model, facts, files = _quantized(ctx, lambda path, observe: DeclaredCalibrationReader(path, feeds, observe=observe))
+    model, facts, files = _quantized(ctx, _whole_graph(lambda path, observe: DeclaredCalibrationReader(path, feeds, observe=observe)))
     fed = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
@@ -233,12 +288,12 @@ def _run_declared(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _quantized(ctx: StageContext, make_reader: Callable):
+def _quantized(ctx: StageContext, statistics: Callable):
     """(Q/DQ graph without its weights, facts, files written): the weights live in the
     scratch folder until the int8 graph is written, so it is written before scratch goes."""
     scratch = ctx.tmp / ".scratch"  # same filesystem as the bundle (hard links); never committed
     try:
-        model, facts, quantized = _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), make_reader=make_reader,
+        model, facts, quantized = _smooth_and_quantize(ctx, ctx.bundle_file(SOURCE), statistics=statistics,
                                                        scratch=scratch)
         return model, facts, _write(ctx, model, quantized)
     finally:
@@ -262,10 +317,11 @@ def _write(ctx: StageContext, model, quantized: Path) -> list[str]:
     return files
 
 
-def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callable, scratch: Path):
+def _smooth_and_quantize(ctx: StageContext, source: Path, *, statistics: Callable, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a streamed copy →
     Q/DQ graph; the graphs are held without their weights, which are read one at a time.
-    `make_reader(path, observe)` gives the calibration reader (see KVCalibrationReader).
+    `statistics(source, graph, channels, scratch)` → (max |x| per channel, facts): _segmented
+    or _whole_graph.
     Returns the Q/DQ graph (weightless), the facts, and the path its weights are under."""
     graph = load_graph(source, infer=False, weights=False)
     nodes, kept = weight_matmuls(graph), lm_head_nodes(graph)
@@ -275,14 +331,8 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callab
     groups = find_groups(graph, set(nodes))
     channels = activation_channels(graph, nodes)
     ctx.progress(f"int8: {len(nodes)} MatMuls to quantize")
-    readers = []
-
-    def run(path, observe):
-        readers.append(make_reader(path, observe))
-        readers[-1].drain()
-
     with _quiet():
-        stats = channel_absmax(source, graph, channels, scratch=scratch / "stats", run=run)
+        stats, calibrated = statistics(source, graph, channels, scratch / "stats")
     ctx.progress("int8: folding SmoothQuant into a copy of the weights, tensor by tensor")
     weights = Streamed(graph, source)
     smoothing, scales = smooth(graph, groups, stats, weights=weights)
@@ -298,7 +348,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, *, make_reader: Callab
     model = load_graph(quantized, infer=False, weights=False)
     dedicated = dedicate_activation_qdq(model, nodes)
     facts = {"float_nodes_kept": kept, "dedicated_activation_qdq": dedicated, "smoothing": smoothing,
-             "calibration_feeds": readers[0].feeds}
+             **calibrated}
     return model, facts, quantized
 
 
