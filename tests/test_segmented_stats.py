@@ -55,7 +55,7 @@ def _statistics(root, tmp_path):
                                         scratch=tmp_path / "segments")
     whole = {}
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, None):
-        whole[level] = channel_absmax(source, graph, channels, scratch=tmp_path / "whole", run=lambda path, observe:
+        whole[level] = channel_absmax(source, graph, channels, scratch=tmp_path / "whole", run=lambda path, observe, level=level:
                                       _reader(root, path, observe=observe, level=level).drain())
     return segmented, facts, whole
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from exportline.exporters.core.errors import StageError
-from exportline.exporters.onnx.graph_index import GraphIndex, remove_dead_nodes, topological_sort
+from exportline.exporters.onnx.graph_index import remove_dead_nodes, topological_sort
 from exportline.exporters.precision.activation_stats import _link, augment
 
 SHAPE_ONLY = {"Shape", "Size"}  # readers that see a tensor's shape, never its values
@@ -100,11 +100,11 @@ def plan_segments(model, recurrence: dict[str, str], *, budget: int | None = Non
             opened |= {recurrence[i] for i in node.input if i in recurrence}
         opened -= set(node.output)
     segments.append(Segment(current, sum(sizes[i] for i in held)))
-    _boundaries(graph, segments, sizes, recurrence)
+    _boundaries(graph, segments, sizes=sizes, recurrence=recurrence)
     return segments, budget
 
 
-def _boundaries(graph, segments: list[Segment], sizes: dict[str, int], recurrence: dict[str, str]) -> None:
+def _boundaries(graph, segments: list[Segment], *, sizes: dict[str, int], recurrence: dict[str, str]) -> None:
     made_in = {o: k for k, s in enumerate(segments) for n in s.nodes for o in n.output if o}
     read_in: dict[str, set[int]] = {}
     for k, seg in enumerate(segments):
@@ -129,10 +129,10 @@ def segmented_absmax(model_path: Path, graph_only, channels: dict[str, int], *, 
     time. `recurrence`: past input name → the present output it is fed from."""
     import shutil
 
-    aug, observed = augment(graph_only, channels)
-    del aug.graph.output[:]
     import onnx
 
+    aug, observed = augment(graph_only, channels)  # observers + presents are the only outputs: no lm_head
+    del aug.graph.output[:]
     aug.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in observed + list(recurrence.values()))
     remove_dead_nodes(aug.graph)
     segments, budget = plan_segments(aug, recurrence, budget=budget)
@@ -140,9 +140,9 @@ def segmented_absmax(model_path: Path, graph_only, channels: dict[str, int], *, 
     scratch.mkdir(parents=True, exist_ok=True)
     for data in {e.value for t in aug.graph.initializer for e in t.external_data if e.key == "location"}:
         _link(model_path.parent / data, scratch / data)
-    run, held = _SegmentRun(aug, segments, feeds, recurrence), []
+    run, held = _SegmentRun(aug, segments, feeds=feeds, recurrence=recurrence), []
     try:
-        for k, segment in enumerate(segments):
+        for k in range(len(segments)):
             path = scratch / f"segment{k}.onnx"
             model = run.model(k)
             held.append(sum(tensor_bytes(t) for t in model.graph.initializer))  # what the session loads
@@ -171,7 +171,7 @@ class _SegmentRun:
     """Runs the segments in order over every feed, keeping the boundary tensors (per feed)
     until the last segment that reads them, and the bytes they held at the most."""
 
-    def __init__(self, aug, segments: list[Segment], feeds: list[dict], recurrence: dict[str, str]):
+    def __init__(self, aug, segments: list[Segment], *, feeds: list[dict], recurrence: dict[str, str]):
         self.aug, self.segments, self.feeds, self.recurrence = aug, segments, feeds, recurrence
         self.made_in = {o: k for k, s in enumerate(segments) for o in s.outputs}
         self.last_read = {}
@@ -184,7 +184,6 @@ class _SegmentRun:
 
     def model(self, k: int):
         """Segment k as a model: its nodes and weights (external data references unchanged)."""
-        import onnx
         from onnx import helper
 
         seg, graph = self.segments[k], self.aug.graph
@@ -208,8 +207,8 @@ class _SegmentRun:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         seg, made = self.segments[k], {}
         observed: dict[str, list[np.ndarray]] = {}
-        for f, feed in enumerate(self.feeds):
-            values = dict(zip(seg.outputs, session.run(seg.outputs, {n: self._input(n, f, k, made) for n in seg.inputs})))
+        for f in range(len(self.feeds)):
+            values = dict(zip(seg.outputs, session.run(seg.outputs, {n: self._input(n, f, k=k, made=made) for n in seg.inputs})))
             made = {}
             for name, value in values.items():
                 if name in self.recurrence.values():
@@ -224,7 +223,7 @@ class _SegmentRun:
             del self.store[key]
         return observed
 
-    def _input(self, name: str, f: int, k: int, made: dict) -> np.ndarray:
+    def _input(self, name: str, f: int, *, k: int, made: dict) -> np.ndarray:
         value = self.feeds[f][name] if name in self.feeds[f] else self.store[(name, f)]
         if isinstance(value, Recurrent):
             present = self.recurrence[name]

@@ -244,7 +244,7 @@ def _segmented(reader: KVCalibrationReader) -> Callable:
     """The statistics pass of a built-in LM: segmented_stats over the reader's feed plan."""
     from exportline.exporters.precision.segmented_stats import segmented_absmax
 
-    def statistics(source: Path, graph, channels: dict[str, int], scratch: Path):
+    def statistics(source: Path, graph, channels: dict[str, int], *, scratch: Path):
         plan = reader.plan()
         stats, facts = segmented_absmax(source, graph, channels, feeds=plan, recurrence=reader.recurrence(), scratch=scratch)
         return stats, {"calibration_feeds": len(plan), "calibration_segments": facts}
@@ -255,7 +255,7 @@ def _segmented(reader: KVCalibrationReader) -> Callable:
 def _whole_graph(make_reader: Callable) -> Callable:
     """The statistics pass of a custom module: one session of the whole fp32 graph."""
 
-    def statistics(source: Path, graph, channels: dict[str, int], scratch: Path):
+    def statistics(source: Path, graph, channels: dict[str, int], *, scratch: Path):
         readers = []
 
         def run(path, observe):
@@ -320,7 +320,7 @@ def _write(ctx: StageContext, model, quantized: Path) -> list[str]:
 def _smooth_and_quantize(ctx: StageContext, source: Path, *, statistics: Callable, scratch: Path):
     """One statistics pass on the fp32 graph → SmoothQuant folded into a streamed copy →
     Q/DQ graph; the graphs are held without their weights, which are read one at a time.
-    `statistics(source, graph, channels, scratch)` → (max |x| per channel, facts): _segmented
+    `statistics(source, graph, channels, scratch=)` → (max |x| per channel, facts): _segmented
     or _whole_graph.
     Returns the Q/DQ graph (weightless), the facts, and the path its weights are under."""
     graph = load_graph(source, infer=False, weights=False)
@@ -332,7 +332,7 @@ def _smooth_and_quantize(ctx: StageContext, source: Path, *, statistics: Callabl
     channels = activation_channels(graph, nodes)
     ctx.progress(f"int8: {len(nodes)} MatMuls to quantize")
     with _quiet():
-        stats, calibrated = statistics(source, graph, channels, scratch / "stats")
+        stats, calibrated = statistics(source, graph, channels, scratch=scratch / "stats")
     ctx.progress("int8: folding SmoothQuant into a copy of the weights, tensor by tensor")
     weights = Streamed(graph, source)
     smoothing, scales = smooth(graph, groups, stats, weights=weights)
