@@ -15,13 +15,21 @@ calibration SmoothQuant (exporters/smoothing.py) is folded into the fp32 weights
 it the outlier channels of down_proj's input cost the trained test model 6 points of top-1.
 Everything not quantized stays float32 (the graph derives from model.onnx, not the fp16 one).
 
-Calibration is one pass of the fp32 graph over those feeds (exporters/activation_stats.py):
-it measures max |x| per channel, which gives both SmoothQuant's scales and the symmetric
-MinMax range of every quantized activation (after smoothing). That pass is an ONNX Runtime
-session of the fp32 graph, so it holds the fp32 weights once (the one place this stage
-does); everything else holds the graph without its weights: SmoothQuant is folded into a
-streamed copy of the weights, and the Q/DQ graph is written with each weight read,
-quantized and written one at a time (exporters/precision/qdq_insert.py).
+Calibration is one pass of the fp32 graph over those feeds: it measures max |x| per channel,
+which gives both SmoothQuant's scales and the symmetric MinMax range of every quantized
+activation (after smoothing). For the built-in LMs the pass is layer-bounded
+(exporters/precision/segmented_stats.py): the weightless graph, pruned to the observed
+tensors and present.* (no lm_head), is cut into consecutive segments of about one decoder
+layer's weight bytes, each its own small model over the same external data file, and
+segment k runs over every feed before segment k+1 opens — one ONNX Runtime session with
+one segment's weights at a time, the boundary activations kept per feed in between, the
+decode steps' past taken from each segment's own present outputs. Its statistics equal one
+session of the whole graph at the same optimization level (tests/test_segmented_stats.py).
+A custom module's graph (declared I/O, no KV recurrence) still runs as one session
+(exporters/precision/activation_stats.py). Everything else holds the graph without its
+weights: SmoothQuant is folded into a streamed copy of the weights, and the Q/DQ graph is
+written with each weight read, quantized and written one at a time
+(exporters/precision/qdq_insert.py).
 
 Numbers and names: onnxruntime.quantization's own functions (compute_scale_zp,
 compute_data_quant_params per channel, quantize_onnx_initializer), in the QDQ layout
