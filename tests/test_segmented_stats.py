@@ -119,3 +119,23 @@ def test_stage_records_its_segments(bundles, tmp_path):
     record = json.loads((root / "manifest.json").read_text())["stages"]["int8"]
     segments = record["info"]["calibration"]["segments"] if "info" in record else record["calibration"]["segments"]
     assert segments["segments"] >= 8 and segments["largest_segment_weight_bytes"] <= segments["segment_budget_bytes"]
+
+
+def test_a_past_and_its_present_are_never_cut_apart():
+    """The budget would cut between the two weights, but the past is read (Neg) before the
+    first and its present made after the second: they stay one segment. A Shape reader of a
+    past is free to sit elsewhere (it sees the shape only)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w1"), numpy_helper.from_array(np.ones((4, 4), np.float32), "w2")
+    nodes = [helper.make_node("Shape", ["past"], ["n"]), helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Neg", ["past"], ["p"]), helper.make_node("MatMul", ["h", "w2"], ["h2"]),
+             helper.make_node("Concat", ["p", "h2"], ["present"], axis=0),
+             helper.make_node("MatMul", ["present", "w1"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "past")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("present", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io, outs + [helper.make_tensor_value_info("n", TensorProto.INT64, None)], list(w)))
+    segments, _ = plan_segments(model, {"past": "present"}, budget=64)
+    ops = [[n.op_type for n in s.nodes] for s in segments]
+    assert ops == [["Shape", "MatMul", "Neg", "MatMul", "Concat"], ["MatMul"]], ops
+    assert segments[1].inputs == ["present"] and "present" in segments[0].outputs

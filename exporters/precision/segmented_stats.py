@@ -180,7 +180,7 @@ class _SegmentRun:
                 source = recurrence.get(name, name)  # a past read elsewhere needs its present kept
                 self.last_read[source] = max(self.last_read.get(source, -1), k)
         self.store: dict[tuple[str, int], np.ndarray] = {}
-        self.peak_bytes = 0
+        self.held_bytes = self.peak_bytes = 0  # of the boundary tensors kept between segments
 
     def model(self, k: int):
         """Segment k as a model: its nodes and weights (external data references unchanged)."""
@@ -216,11 +216,13 @@ class _SegmentRun:
                     made[name] = value
                 if self.last_read.get(name, -1) > k:
                     self.store[(name, f)] = value
+                    self.held_bytes += value.nbytes
+                    self.peak_bytes = max(self.peak_bytes, self.held_bytes)
                 elif name not in self.recurrence.values():
                     observed.setdefault(name, []).append(value)
         del session
         for key in [key for key in self.store if self.last_read.get(key[0], -1) <= k]:
-            del self.store[key]
+            self.held_bytes -= self.store.pop(key).nbytes
         return observed
 
     def _input(self, name: str, f: int, *, k: int, made: dict) -> np.ndarray:
@@ -234,7 +236,6 @@ class _SegmentRun:
                 value = self.store[(present, f - 1)]
             else:  # read by Shape/Size only (plan_segments asserts it): its shape is all they see
                 value = np.zeros(value.shape, np.float32)
-        self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in self.store.values()))
         return value
 
     def _check_present(self, name: str, value: np.ndarray, f: int) -> None:
