@@ -70,6 +70,9 @@ TARGET = GRAPHS["int8"].path
 CALIBRATION_CHUNKS = 32  # sequences, evenly spread over the calibration part of the text
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
+# in the fingerprint: a bundle calibrated by the former whole-graph pass (ORT's default
+# optimization level, ranges differing in float32 rounding) is re-quantized, not reused
+STATISTICS = "LMs: layer-bounded segments at ORT_ENABLE_BASIC"
 QUANTIZER = "exportline Q/DQ insertion with onnxruntime.quantization's functions, weights streamed"
 
 
@@ -432,7 +435,7 @@ def _options(opts: ExportOptions) -> dict[str, Any]:
     # absolute, so `exportline verify` finds the held-out text from any working directory
     npz = opts.calibration_inputs  # custom modules: arrays instead of text
     return {"calibration_data": str(path.resolve()) if given else None, "calibration_sha256": file_sha256(path),
-            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS,
+            "sequences": CALIBRATION_CHUNKS, "decode_steps": DECODE_STEPS, "statistics": STATISTICS,
             **({"calibration_inputs": str(Path(npz).resolve()), "calibration_inputs_sha256": file_sha256(Path(npz))} if npz else {})}
 
 
