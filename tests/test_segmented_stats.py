@@ -14,9 +14,10 @@ import pytest
 from exportline.exporters.core.shapes import KVLayout
 from exportline.exporters.onnx.external_data import load_graph
 from exportline.exporters.precision.activation_stats import channel_absmax
+from exportline.exporters.precision.int8_graph import activation_channels, weight_matmuls
+from exportline.exporters.precision.kv_calibration import KVCalibrationReader
 from exportline.exporters.precision.segmented_stats import augment, plan_segments, segment_weights, segmented_absmax, tensor_bytes
 from exportline.exporters.sources import resolve_source
-from exportline.exporters.stages.int8 import KVCalibrationReader, activation_channels, weight_matmuls
 
 from quant_models import FolderSource, export_bundle, write_tiny_gpt2
 
