@@ -8,7 +8,7 @@ STAGES ?= hf,onnx,fp16,int8,trt
 OUT    ?= out/$(MODEL)
 ARGS   ?=
 
-.PHONY: setup lock export test lint bench bench-export verify doctor clean
+.PHONY: setup lock export test lint bench bench-export bench-peers verify doctor clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ bench: setup
 
 bench-export: setup
 	$(BIN)/python -m exportline.bench.export_cost $(MODEL) $(ARGS)
+
+# The peers' venvs (optimum-cli's transformers 4.x, the genai builder's) install once into
+# ~/.cache/exportline-tests, shared with the consumer tests; MODEL = a preset or an HF folder.
+bench-peers: setup
+	$(BIN)/python tests/consumer_envs.py peers
+	$(BIN)/python -m exportline.bench.peers $(MODEL) $(ARGS)
 
 doctor: setup
 	$(BIN)/exportline doctor

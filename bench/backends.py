@@ -20,8 +20,8 @@ REFERENCE = "torch"  # speedups are over torch eager fp32 on the same device, sa
 RunnerFactory = Callable[..., Any]
 
 
-def runner_options(backend: str, *, device: str, threads: int) -> dict[str, Any]:
-    return BACKENDS[backend].bench_options(device, threads)
+def runner_options(backend: str, *, device: str, threads: int, registry=BACKENDS) -> dict[str, Any]:
+    return registry[backend].bench_options(device, threads)
 
 
 @dataclass
@@ -36,10 +36,11 @@ class Opened:
     session: dict | None = None  # e.g. ONNX Runtime session options, as the runner reports them
 
 
-def open_backend(root: Path, backend: str, *, device: str, threads: int, factory: RunnerFactory) -> Opened:
+def open_backend(root: Path, backend: str, *, device: str, threads: int, factory: RunnerFactory,
+                 registry=BACKENDS) -> Opened:
     release_memory()
     opened = Opened(backend, rss_before_bytes=current_rss_bytes())
-    options = runner_options(backend, device=device, threads=threads)
+    options = runner_options(backend, device=device, threads=threads, registry=registry)
     try:
         runner = factory(root, backend, **options)
         runner.activate()

@@ -207,9 +207,9 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _run_backend(root, name, points, *, prep, cfg, device, factory, progress) -> BackendRun:
+def _run_backend(root, name, points, *, prep, cfg, device, factory, progress, registry=BACKENDS) -> BackendRun:
     progress(f"{name}: opening")
-    opened = open_backend(root, name, device=cfg.device, threads=cfg.threads, factory=factory)
+    opened = open_backend(root, name, device=cfg.device, threads=cfg.threads, factory=factory, registry=registry)
     run = BackendRun(name, "ok" if opened.runner else "not available", opened.reason, opened.session,
                      opened.rss_before_bytes, opened.rss_after_activate_bytes)
     if opened.runner is None:
@@ -221,7 +221,7 @@ def _run_backend(root, name, points, *, prep, cfg, device, factory, progress) ->
             timing = time_runs(prepared.run, warmup=cfg.warmup, repeat=cfg.repeat, device=device)
             stats = summarize(timing.samples_s)
             row = {
-                "backend": name, "precision": BACKENDS[name].precision, "key": point.key, "workload": point.workload,
+                "backend": name, "precision": registry[name].precision, "key": point.key, "workload": point.workload,
                 "batch": point.batch, "length": point.length, "new_tokens": point.new_tokens, "status": "ok",
                 "stats": stats.to_dict(), "samples_s": timing.samples_s,
                 "tokens": point.tokens, "tokens_per_s": point.tokens / stats.median_s,
@@ -244,15 +244,16 @@ def _run_backend(root, name, points, *, prep, cfg, device, factory, progress) ->
     return run
 
 
-def _run_rounds(root, points, *, prep, cfg, device, factory, progress) -> list:
+def _run_rounds(root, points, *, prep, cfg, device, factory, progress, registry=BACKENDS) -> list:
     """Every backend over the points, `cfg.rounds` times in alternating (ABBA) order; each
-    backend's rounds pooled into one run, in the order the user named the backends."""
+    backend's rounds pooled into one run, in the order the user named the backends.
+    `registry` maps a backend name to its Backend record (bench/peers.py passes its peers')."""
     passes = []
     for r in range(cfg.rounds):
         order = cfg.backends if r % 2 == 0 else tuple(reversed(cfg.backends))
         say = progress if cfg.rounds == 1 else (lambda m, r=r: progress(f"[round {r + 1}/{cfg.rounds}] {m}"))
         passes.append({name: _run_backend(root, name, points, prep=prep, cfg=cfg, device=device,
-                                          factory=factory, progress=say) for name in order})
+                                          factory=factory, progress=say, registry=registry) for name in order})
     return [_pool([p[name] for p in passes]) for name in cfg.backends]
 
 

@@ -25,6 +25,7 @@ from exportline.deploy.engines import EngineCheck, check_engine
 from exportline.exporters.core.errors import ArtifactError, ConfigError, NotAvailable, OutputError
 from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.core.shapes import KVLayout, TensorSpec, optimization_profiles
+from exportline.exporters.onnx.files_check import all_tensors
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 FILENAMES = {"onnx": "model.onnx", "tensorrt": "model.plan"}
@@ -182,7 +183,7 @@ def copy_onnx(src: Path, dest_dir: Path) -> list[str]:
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)
-    external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t for t in all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     locations = {e.value for t in external for e in t.external_data if e.key == "location"}
     if len(locations) > 1:
         raise ArtifactError(f"{src} keeps its weights in {len(locations)} files; DESIGN.md §4 wants one; re-export it")
@@ -197,17 +198,6 @@ def copy_onnx(src: Path, dest_dir: Path) -> list[str]:
         files.append(EXTERNAL_DATA)
     (dest_dir / FILENAMES["onnx"]).write_bytes(model.SerializeToString())
     return files
-
-
-def _all_tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_tensors(sub)
 
 
 def _pick_engine(root: Path, engine: str | None, precision: str | None) -> str:

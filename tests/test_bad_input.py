@@ -128,12 +128,38 @@ def _full_disk_save_file(tensors, filename, metadata=None):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-def test_disk_full_while_writing_weights(tmp_path, monkeypatch):
+class _FullDiskFile:
+    """A file on a full disk: the first KiB goes in, then write raises ENOSPC as the OS does."""
+
+    def __init__(self, path, mode):
+        self.f = open(path, mode)
+
+    def write(self, data):
+        if self.f.tell() + len(memoryview(data).cast("B")) > 1024:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
+        return self.f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("writer", ["streamed", "save_file"])
+def test_disk_full_while_writing_weights(tmp_path, monkeypatch, writer):
+    """The model's weights stream through hf_writer's own writes; the training state goes
+    through safetensors' save_file, whose Rust error is turned back into ENOSPC."""
     import safetensors.torch
 
-    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk_save_file)
+    from exportline.exporters.sources import hf_writer
+
+    if writer == "streamed":
+        monkeypatch.setattr(hf_writer, "open", _FullDiskFile, raising=False)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", _full_disk_save_file)
     save_nanogpt(tmp_path / "ckpt.pt", nanogpt_args())
-    code, err = _export(tmp_path / "ckpt.pt", tmp_path / "out")
+    code, err = _export(tmp_path / "ckpt.pt", tmp_path / "out", *(["--with-training-state"] if writer == "save_file" else []))
     assert code != 0 and "the disk is full" in error_line(err)
     _nothing_trusted(tmp_path / "out")
 

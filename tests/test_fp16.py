@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto
 
 from exportline.exporters.onnx.graph_index import GraphIndex
+from exportline.exporters.precision.fp16_graph import FLOAT32_OPS, angle_nodes, norm_nodes
 from exportline.exporters.sources import resolve_source
-from exportline.exporters.stages.fp16 import FLOAT32_OPS, angle_nodes, norm_nodes
 from exportline.verify.suite import verify_bundle
 
 from quant_models import export_bundle, stage_info

@@ -14,11 +14,11 @@ from exportline.exporters.core.errors import ConfigError
 from exportline.exporters.core.pipeline import ExportOptions
 from exportline.exporters.onnx.graph_index import GraphIndex
 from exportline.exporters.precision.calibration import HELDOUT_EVERY, calibration_path, split_text
+from exportline.exporters.precision.int8_graph import lm_head_nodes, weight_matmuls
 from exportline.exporters.precision.qdq_form import qdq_form_problems
 from exportline.exporters.sources.tokenizer import default_corpus
 from exportline.exporters.stages import parse_stages
 from exportline.exporters.stages.int8 import STAGE as INT8
-from exportline.exporters.stages.int8 import lm_head_nodes, weight_matmuls
 from exportline.verify.suite import verify_bundle
 
 from quant_models import FolderSource, export_bundle, stage_info, train_tiny_llama, write_tiny_gpt2, write_tokenizer
@@ -282,7 +282,7 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
 
     from exportline.exporters.core.bundle import sha256_file
     from exportline.exporters.core.errors import StageError
-    from exportline.exporters.stages import int8 as int8_stage
+    from exportline.exporters.precision import int8_graph
 
     def asymmetric(model_path, out_path, ranges, nodes):
         cache = out_path.parent / "ranges.json"
@@ -295,7 +295,7 @@ def test_stage_refuses_a_graph_tensorrt_would_not_take(trained, monkeypatch):
 
     root, _ = trained
     before = sha256_file(root / "onnx" / "model_int8.onnx")
-    monkeypatch.setattr(int8_stage, "quantize", asymmetric)
+    monkeypatch.setattr(int8_graph, "quantize", asymmetric)
     with pytest.raises(StageError, match="not in TensorRT's form") as err:
         from exportline.exporters.core.bundle import Bundle
         from exportline.exporters.core.pipeline import run_pipeline
@@ -343,7 +343,8 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
     from exportline.exporters.onnx.external_data import load_graph
     from exportline.exporters.precision.activation_stats import channel_absmax
     from exportline.exporters.precision.calibration import load_tokenizer, spread
-    from exportline.exporters.stages.int8 import KVCalibrationReader, activation_channels
+    from exportline.exporters.precision.int8_graph import activation_channels
+    from exportline.exporters.precision.kv_calibration import KVCalibrationReader
 
     root, _ = trained
     source = root / "onnx" / "model.onnx"

@@ -10,8 +10,8 @@ import pytest
 from onnx import numpy_helper
 
 from exportline.exporters.onnx.external_data import load_graph
+from exportline.exporters.precision.int8_graph import activation_channels, quantize, weight_matmuls
 from exportline.exporters.sources import resolve_source
-from exportline.exporters.stages.int8 import activation_channels, quantize, weight_matmuls
 
 from quant_models import FolderSource, export_bundle, write_tiny_gpt2
 

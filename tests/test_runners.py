@@ -219,3 +219,26 @@ def test_float64_rebinding_checks_the_formula():
 
     other = GemmaLikeRMSNorm(16).double()
     assert exact_float64(other) == [] and "forward" not in vars(other)
+
+
+def test_a_constant_stored_as_external_data_is_checked_too(tmp_path):
+    """onnx's own external-data writer moves a Constant node's tensor out like an initializer
+    (convert_attribute=True); a data file too short for it is caught before a runtime opens
+    the graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    value = numpy_helper.from_array(np.arange(64, dtype=np.float32), "c")
+    const = helper.make_node("Constant", [], ["c"], value=value)
+    add = helper.make_node("Add", ["x", "c"], ["y"])
+    graph = helper.make_graph([const, add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])])
+    path = tmp_path / "onnx" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0, convert_attribute=True)
+    data = path.parent / "model.onnx_data"
+    assert check_onnx_files(path).required_bytes == data.stat().st_size == 64 * 4
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="model.onnx_data is truncated"):
+        check_onnx_files(path)

@@ -4,7 +4,8 @@ once (counted by onnx/external_data.HELD, not timed) do not grow with the model'
 The same tiny Llama at 2 and at 8 layers: the 8-layer one streams more than twice the
 bytes through the writer, and the most it holds at once is the same bound for both — a few
 chunks for the elementwise fp16 conversion, one weight for int8's per-channel work.
-(The int8 calibration pass is an ONNX Runtime session of the fp32 graph, outside this count.)
+(The int8 calibration pass runs ONNX Runtime one segment at a time, outside this count:
+tests/test_segmented_stats.py counts the weights each of its sessions loads.)
 """
 
 from __future__ import annotations

@@ -11,11 +11,10 @@ graph stores it so, converted chunk by chunk, and written — one tensor at a ti
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from exportline.exporters.onnx import external_data
+from exportline.exporters.onnx.chunked import chunked_tensor
 from exportline.exporters.onnx.external_data import HELD, Convert
 
 _NOT_LOADED = "weights-not-loaded"  # a location nothing reads: the data comes from the checkpoint
@@ -30,7 +29,7 @@ def weightless_proto(ir_model) -> tuple[object, dict[str, object]]:
     for graph in ir_model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
-            if hasattr(tensor, "weights") and hasattr(tensor, "source"):
+            if getattr(tensor, "origin", None) is not None:  # (CheckpointWeights, WeightSource): onnx/weights.py
                 lazies[value.name] = tensor
                 value.const_value = ir.ExternalTensor(_NOT_LOADED, 0, tensor.nbytes, tensor.dtype,
                                                       shape=tensor.shape, name=value.name)
@@ -46,25 +45,24 @@ def checkpoint_tensors(lazies: dict[str, object], retyped: dict[str, Convert]) -
     for name, lazy in lazies.items():
         convert = retyped.get(name)
         dtype = ir.DataType.FLOAT16 if convert else lazy.dtype
-        tensor = _tensor_class()(lambda lazy=lazy, convert=convert: _materialize(lazy, convert), dtype=dtype,
-                                 shape=lazy.shape, name=name)
-        tensor.lazy, tensor.convert = lazy, convert
-        out[name] = tensor
+        out[name] = chunked_tensor(lambda origin=lazy.origin, convert=convert: _chunks(origin, convert), dtype=dtype,
+                                   shape=lazy.shape, name=name)
     return out
 
 
-def _float32(lazy) -> np.ndarray:
+def _float32(origin) -> np.ndarray:
     """The checkpoint tensor as the fp32 graph holds it (transposed where it stores W^T)."""
     import torch
 
-    array = lazy.weights.read(lazy.source.key, np.float32)
-    if lazy.source.perm is not None:
-        array = torch.from_numpy(array).permute(lazy.source.perm).contiguous().numpy()
+    weights, source = origin
+    array = weights.read(source.key, np.float32)
+    if source.perm is not None:
+        array = torch.from_numpy(array).permute(source.perm).contiguous().numpy()
     return array
 
 
-def _chunks(lazy, convert):
-    array = _float32(lazy).reshape(-1)
+def _chunks(origin, convert):
+    array = _float32(origin).reshape(-1)
     HELD.add(array.nbytes)
     try:
         step = max(external_data.CHUNK_BYTES // 4, 1)  # read at call time: tests shrink it
@@ -78,26 +76,3 @@ def _chunks(lazy, convert):
                 HELD.add(-out.nbytes)
     finally:
         HELD.add(-array.nbytes)
-
-
-def _materialize(lazy, convert):
-    import onnx_ir as ir
-
-    data = np.concatenate(list(_chunks(lazy, convert))) if lazy.nbytes else np.zeros(0, np.float32)
-    return ir.Tensor(data.reshape(lazy.shape.numpy()), name=lazy.name)
-
-
-@functools.cache
-def _tensor_class():
-    import onnx_ir as ir
-
-    class CheckpointStream(ir.LazyTensor):
-        """A checkpoint weight written as the converted graph declares it, chunk by chunk."""
-
-        __slots__ = ("lazy", "convert")
-
-        def tofile(self, file) -> None:
-            for chunk in _chunks(self.lazy, self.convert):
-                file.write(memoryview(chunk).cast("B"))
-
-    return CheckpointStream

@@ -7,7 +7,6 @@ kilobyte into `<model file stem>.onnx_data` beside the model.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from exportline.exporters.core.errors import ArtifactError, StageError
+from exportline.exporters.onnx.chunked import chunked_tensor
 
 
 def data_file_name(model_path: Path) -> str:
@@ -213,32 +213,8 @@ def _read_chunks(where: _Slice, convert: Convert | None):
         os.close(fd)
 
 
-@functools.cache
-def _streamed_tensor_class():
-    import onnx_ir as ir
-
-    class StreamedTensor(ir.LazyTensor):
-        """An initializer copied (and converted) from a source data file when it is written."""
-
-        __slots__ = ("where", "convert")
-
-        def tofile(self, file) -> None:
-            for chunk in _read_chunks(self.where, self.convert):
-                file.write(chunk)
-
-    return StreamedTensor
-
-
 def _streamed(where: _Slice, convert: Convert | None, *, dtype, shape, name: str):
-    import onnx_ir as ir
-
-    def materialize():  # small tensors the writer keeps inline ask for their bytes
-        data = b"".join(bytes(c) for c in _read_chunks(where, convert))
-        return ir.Tensor(np.frombuffer(data, dtype=dtype.numpy()).reshape(shape.numpy()), name=name)
-
-    tensor = _streamed_tensor_class()(materialize, dtype=dtype, shape=shape, name=name)
-    tensor.where, tensor.convert = where, convert
-    return tensor
+    return chunked_tensor(lambda: _read_chunks(where, convert), dtype=dtype, shape=shape, name=name)
 
 
 def save_streamed(model, source: Path | None, target: Path, *, convert: dict[str, Convert] | None = None,

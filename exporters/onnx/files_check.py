@@ -42,7 +42,7 @@ def check_onnx_files(path: str | Path) -> OnnxFiles:
     if not (model.graph.node and model.graph.output and model.opset_import):
         raise ArtifactError(f"{path} is truncated (no graph, outputs or opset); {_fix(path)}")
     needed: dict[str, int] = {}  # location → bytes it must hold
-    for tensor in _all_initializers(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
@@ -64,11 +64,14 @@ def check_onnx_files(path: str | Path) -> OnnxFiles:
     return OnnxFiles(path, tuple(files), sum(needed.values()))
 
 
-def _all_initializers(graph):
+def all_tensors(graph):
+    """Every tensor that may hold its bytes in external data: initializers and node
+    attributes (a Constant's value), in `graph` and in its subgraphs, recursively."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.g.node:
-                yield from _all_initializers(attr.g)
-            for sub in attr.graphs:
-                yield from _all_initializers(sub)
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from all_tensors(sub)

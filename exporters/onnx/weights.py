@@ -10,7 +10,6 @@ No large weight is read before `save`, which writes one tensor at a time.
 
 from __future__ import annotations
 
-import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from exportline.exporters.core.errors import SourceError, StageError
+from exportline.exporters.onnx.chunked import chunked_tensor
 from exportline.exporters.sources.weights_reader import CheckpointWeights
 
 # Tensors up to this many bytes stay inside model.onnx (shape constants, scalars); every
@@ -49,35 +49,22 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-@functools.cache
-def _checkpoint_tensor_class():
-    import onnx_ir as ir
-    import torch
-
-    class CheckpointTensor(ir.LazyTensor):
-        """An initializer's data: a checkpoint tensor, read (and transposed) when written."""
-
-        __slots__ = ("weights", "source")
-
-        def tofile(self, file) -> None:
-            # The writer calls this and writes at once, so scratch buffers are safe here;
-            # numpy()/tobytes() (used by the optimizer on small tensors) get fresh arrays.
-            stored = self.weights.tensors[self.source.key]
-            array = self.weights.read(self.source.key, self.dtype.numpy(), into=_SCRATCH.take("read", stored.nbytes))
-            if self.source.perm is not None:  # torch's blocked transpose copy is ~4x numpy's here
-                shape = [array.shape[i] for i in self.source.perm]
-                out = _SCRATCH.take("transposed", array.nbytes).view(array.dtype).reshape(shape)
-                torch.from_numpy(out).copy_(torch.from_numpy(array).permute(self.source.perm))
-                array = out
-            file.write(memoryview(array).cast("B"))
-
-    return CheckpointTensor
-
-
 def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, *, shape, name: str):
     """An initializer's data: `source` read (and transposed) only when it is written."""
     import onnx_ir as ir
     import torch
+
+    def chunks():
+        # The writer writes each chunk at once, so the per-thread scratch buffers are safe
+        # here; materialize() (the optimizer on small tensors) gets fresh arrays.
+        stored = weights.tensors[source.key]
+        array = weights.read(source.key, dtype.numpy(), into=_SCRATCH.take("read", stored.nbytes))
+        if source.perm is not None:  # torch's blocked transpose copy is ~4x numpy's here
+            shape_out = [array.shape[i] for i in source.perm]
+            out = _SCRATCH.take("transposed", array.nbytes).view(array.dtype).reshape(shape_out)
+            torch.from_numpy(out).copy_(torch.from_numpy(array).permute(source.perm))
+            array = out
+        yield array
 
     def materialize():
         array = weights.read(source.key, dtype.numpy())
@@ -85,9 +72,8 @@ def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, *, shap
             array = torch.from_numpy(array).permute(source.perm).contiguous().numpy()
         return ir.Tensor(array, name=name)
 
-    tensor = _checkpoint_tensor_class()(materialize, dtype=dtype, shape=ir.Shape(shape), name=name)
-    tensor.weights, tensor.source = weights, source
-    return tensor
+    return chunked_tensor(chunks, dtype=dtype, shape=ir.Shape(shape), name=name, materialize=materialize,
+                          origin=(weights, source))
 
 
 def _checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: str) -> str:

@@ -26,23 +26,9 @@ def channel_absmax(
     nothing copied); `run(path, (output_names, callback))` feeds it and hands the values of
     those outputs to `callback` for every feed."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    aug = onnx.ModelProto()
-    aug.CopyFrom(graph_only)
-    outputs, stats = [], {}
-    for k, (tensor, size) in enumerate(channels.items()):
-        stats[tensor] = np.zeros(size, np.float32)
-        shape, axes, flat, absval, out = (f"absmax{k}_{s}" for s in ("shape", "axes", "flat", "abs", "max"))
-        aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, size], np.int64), shape),
-                                      numpy_helper.from_array(np.array([0], np.int64), axes)])
-        aug.graph.node.extend([
-            helper.make_node("Reshape", [tensor, shape], [flat]),
-            helper.make_node("Abs", [flat], [absval]),
-            helper.make_node("ReduceMax", [absval, axes], [out], keepdims=0),
-        ])
-        aug.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [size]))
-        outputs.append(out)
+    aug, outputs = augment(graph_only, channels)
+    stats = {tensor: np.zeros(size, np.float32) for tensor, size in channels.items()}
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / model_path.name
     onnx.save(aug, str(path))
@@ -58,6 +44,29 @@ def channel_absmax(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return stats
+
+
+def augment(graph_only, channels: dict[str, int]):
+    """(a copy of `graph_only` with a Reshape→Abs→ReduceMax output per tensor in `channels`,
+    the names of those outputs in the order of `channels`)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(graph_only)
+    outputs = []
+    for k, (tensor, size) in enumerate(channels.items()):
+        shape, axes, flat, absval, out = (f"absmax{k}_{s}" for s in ("shape", "axes", "flat", "abs", "max"))
+        aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, size], np.int64), shape),
+                                      numpy_helper.from_array(np.array([0], np.int64), axes)])
+        aug.graph.node.extend([
+            helper.make_node("Reshape", [tensor, shape], [flat]),
+            helper.make_node("Abs", [flat], [absval]),
+            helper.make_node("ReduceMax", [absval, axes], [out], keepdims=0),
+        ])
+        aug.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [size]))
+        outputs.append(out)
+    return aug, outputs
 
 
 def _link(src: Path, dest: Path) -> None:

@@ -43,7 +43,7 @@ def npz_feeds(io: DeclaredIO, path: Path) -> list[dict[str, np.ndarray]]:
 
 class DeclaredCalibrationReader:
     """onnxruntime CalibrationDataReader over fixed feeds; `observe=(names, callback)` as in
-    int8.KVCalibrationReader: those outputs' values go to `callback` for every feed."""
+    kv_calibration.KVCalibrationReader: those outputs' values go to `callback` for every feed."""
 
     def __init__(self, model_path: Path, feeds: list[dict], *, observe: tuple[list[str], Callable] | None = None):
         self.model_path, self.all_feeds, self.observe = model_path, feeds, observe

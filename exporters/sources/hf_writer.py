@@ -2,7 +2,10 @@
 config) and reading back its config and tensors without building a model.
 
 Every source's `write_hf` ends here, so the folder layout (DESIGN.md §2) and the handling
-of a full disk are decided once.
+of a full disk are decided once. Weights are written as they are made, one tensor held at
+a time: a preset's random init (write_hf_stream) and the nanoGPT / llama2.c conversions
+(write_hf_converted, byte for byte save_file's layout). write_hf_weights takes a whole
+state dict, for sources that have one anyway (an nn.Module of the user's, a training state).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from exportline.exporters.core.errors import ArtifactError, StageError
 
@@ -88,14 +91,35 @@ def write_hf_stream(plan: list[tuple], tensors: Iterator[tuple[str, Any]], dest:
     """model.safetensors (or shards + index) written as `tensors` arrive, in `plan` order:
     the headers come from the plan, so each tensor is written and dropped at once and the
     writer holds one tensor, not the model (a 10 B random init is 20-40 GB)."""
+    return _write_shards(plan_shards(plan, max_shard_bytes), tensors, dest, plan=plan)
+
+
+def write_hf_converted(plan: list[tuple], tensors: Callable[[list[str]], Iterator[tuple[str, Any]]], dest: Path, *,
+                       max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """A conversion's HF weights, streamed: `tensors(names)` yields (name, tensor) in the order
+    asked. That order is save_file's (save_file_layout), so the files are byte for byte what
+    write_hf_weights writes from the whole state dict `plan` describes, while one tensor
+    exists at a time. The generator is run to its end, so code after its last yield (a
+    converter dropping the source pages it read) runs too."""
+    shards = save_file_layout(plan, max_shard_bytes)
+    return _write_shards(shards, tensors([e[0] for shard in shards for e in shard]), dest, plan=plan)
+
+
+def save_file_layout(plan: list[tuple], max_shard_bytes: int = SHARD_BYTES) -> list[list[tuple]]:
+    """The shards write_hf_weights makes of a state dict in `plan` order (grouped in that
+    order), each in the order safetensors' save_file lays tensors out: larger dtypes first,
+    then by name (its Rust `prepare` sorts so; tests/test_hf_stream.py checks the bytes)."""
+    return [sorted(shard, key=lambda e: (-e[2].itemsize, e[0])) for shard in plan_shards(plan, max_shard_bytes)]
+
+
+def _write_shards(shards: list[list[tuple]], tensors: Iterator[tuple[str, Any]], dest: Path, *,
+                  plan: list[tuple]) -> list[str]:
     import torch
 
-    shards = plan_shards(plan, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for fname, entries in zip(names, shards):
-        path = dest / fname
-        with open(path, "wb") as f:
+        with open(dest / fname, "wb") as f:
             f.write(_header(entries))
             for name, shape, dtype in entries:
                 got, tensor = next(tensors)
@@ -103,10 +127,13 @@ def write_hf_stream(plan: list[tuple], tensors: Iterator[tuple[str, Any]], dest:
                     raise StageError(f"hf: tensor {got} {list(tensor.shape)} does not follow the plan ({name}); this is a bug")
                 f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
                 del tensor
+    if next(tensors, None) is not None:
+        raise StageError("hf: more tensors than the plan lists; this is a bug")
     if len(shards) == 1:
         return names
+    shard_of = {e[0]: fname for fname, entries in zip(names, shards) for e in entries}
     index = {"metadata": {"total_size": sum(_nbytes(e) for e in plan)},
-             "weight_map": {e[0]: fname for fname, entries in zip(names, shards) for e in entries}}
+             "weight_map": {e[0]: shard_of[e[0]] for e in plan}}  # plan order, as write_hf_weights writes it
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names + ["model.safetensors.index.json"]
 

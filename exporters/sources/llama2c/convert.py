@@ -14,15 +14,18 @@ The formats are what karpathy/llama2.c `export.py` writes (run.c reads v0, runq.
   the norms in fp32, then every matrix (one per layer) as Q8_0: int8 values followed by
   one fp32 scale per group. Read dequantised exactly as runq.c does (q * scale in fp32),
   so the HF model and the verify reference both hold the dequantised weights.
-Read with numpy; no pickle.
+Read with numpy; no pickle. The hf stage reads one HF tensor at a time (`hf_tensors`: a
+pread of one layer's slice, nothing left mapped), so it holds a tensor, not the model;
+`read_tensors` maps the whole file for the float64 reference and the tests.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -213,23 +216,71 @@ def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def to_hf_state(header: Llama2cHeader, tensors: dict[str, np.ndarray]) -> dict:
+def hf_plan(header: Llama2cHeader) -> list[tuple[str, tuple[int, ...], Any]]:
+    """The HF LlamaForCausalLM tensors (name, shape, float32) in state-dict order."""
     import torch
 
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).copy())
+    return [(name, _source_shape(header, src), torch.float32) for name, (src, _) in _hf_sources(header).items()]
 
-    state = {"model.embed_tokens.weight": tensor(tensors["token_embedding"])}
-    for i in range(header.n_layers):
-        for src, dst in LAYER_MAP.items():
-            w = tensors[src][i]
+
+def hf_tensors(path: Path, header: Llama2cHeader, names: list[str]) -> Iterator[tuple[str, Any]]:
+    """The HF tensors `names` (from hf_plan), one at a time: each is one pread of its bytes
+    into a fresh array (a layer's slice of the per-kind stack; v2's Q8_0 dequantised as
+    runq.c does), q/k rows permuted for HF's rotary layout. No map of the file is kept,
+    so what is resident is the tensor being written, not the pages read before it."""
+    import torch
+
+    sources, offsets = _hf_sources(header), _offsets(header)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name in names:
+            src, layer = sources[name]
+            w = _read_one(fd, header, src, offset=offsets[src], layer=layer, path=path)
             if src in PERMUTED:
-                w = permute_rotary(w, getattr(header, PERMUTED[src]))
-            state[f"model.layers.{i}.{dst}"] = tensor(w)
-    state["model.norm.weight"] = tensor(tensors["norm"])
+                w = np.ascontiguousarray(permute_rotary(w, getattr(header, PERMUTED[src])))
+            yield name, torch.from_numpy(w)
+            del w
+    finally:
+        os.close(fd)
+
+
+def _hf_sources(header: Llama2cHeader) -> dict[str, tuple[str, int | None]]:
+    """HF name → (llama2.c tensor, layer index or None), in HF state-dict order."""
+    out = {"model.embed_tokens.weight": ("token_embedding", None)}
+    for i in range(header.n_layers):
+        out.update({f"model.layers.{i}.{dst}": (src, i) for src, dst in LAYER_MAP.items()})
+    out["model.norm.weight"] = ("norm", None)
     if not header.shared_classifier:
-        state["lm_head.weight"] = tensor(tensors["wcls"])
-    return state
+        out["lm_head.weight"] = ("wcls", None)
+    return out
+
+
+def _source_shape(header: Llama2cHeader, src: str) -> tuple[int, ...]:
+    """One HF tensor's shape: a per-layer kind's shape without its leading n_layers."""
+    shape = header.shapes()[src]
+    return shape[1:] if src in LAYER_MAP else shape
+
+
+def _offsets(header: Llama2cHeader) -> dict[str, int]:
+    """Byte offset of every llama2.c tensor in the file."""
+    out, at = {}, header.header_bytes
+    for name, shape in header.tensor_shapes():
+        out[name] = at
+        at += header.tensor_bytes(name, shape)
+    return out
+
+
+def _read_one(fd: int, header: Llama2cHeader, src: str, *, offset: int, layer: int | None, path: Path) -> np.ndarray:
+    """One layer's `src` (or the whole tensor) as a fresh float32 array. A per-layer stack is
+    layer after layer, each its own Q8_0 block in v2, so layer i starts i blocks in."""
+    shape = _source_shape(header, src)
+    nbytes = header.tensor_bytes(src, shape)
+    buf = np.empty(nbytes, dtype=np.uint8)
+    if os.preadv(fd, [buf], offset + (layer or 0) * nbytes) != nbytes:
+        raise SourceError(f"{path} ended early reading {src}; the file changed while it was read; {REEXPORT}")
+    if header.quantized(src):
+        return _dequantize(buf, shape, header)
+    return buf.view("<f4").reshape(shape)
 
 
 def _stop_at_bos_too(dest: Path) -> None:
@@ -272,15 +323,13 @@ class Llama2cSource(CheckpointSource):
         return {**super().describe(), "file_version": header.version, "weights_precision": header.weights_precision}
 
     def write_hf(self, dest: Path, progress: Progress) -> dict[str, Any]:
-        from exportline.exporters.sources.hf_writer import write_config_files, write_hf_weights
+        from exportline.exporters.sources.hf_writer import write_config_files, write_hf_converted
 
-        header, tensors = read_tensors(self.path)
+        header = read_header(self.path)
         progress(f"hf: read llama2.c v{header.version} checkpoint {self.path.name}, {header.weights_precision} weights")
         config = hf_config(header)
         tok_info = self.write_checked_tokenizer(dest, model_max_length=header.max_seq_len, vocab_size=header.vocab_size)
-        state = to_hf_state(header, tensors)
-        del tensors
-        files = write_hf_weights(state, dest)
+        files = write_hf_converted(hf_plan(header), lambda names: hf_tensors(self.path, header, names), dest)
         write_config_files(config, dest)
         _stop_at_bos_too(dest)
         return {"weights": files, "tokenizer": tok_info, "random_init": False,

@@ -4,6 +4,8 @@ nanoGPT named its parameters after GPT-2, so the key map is the identity except 
 three things: the four Conv1D weights are stored transposed by HF, HF GPT-2 always has
 biases (nanoGPT's `bias=False` becomes zeros), and lm_head is tied to wte. Everything
 needed to undo the conversion bit for bit is recorded in config.json under `nanogpt`.
+The checkpoint is memory-mapped and converted one tensor at a time (`hf_plan` checks it
+from metadata, `hf_tensors` makes each HF tensor and drops the pages it read).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from exportline.exporters.core.errors import SourceError
 from exportline.exporters.sources.base import CheckpointSource, Progress
+from exportline.exporters.sources.mapped_file import mapped_ranges, release_pages
 
 PREFIX = "_orig_mod."  # torch.compile's wrapper module adds it to every state_dict key
 REQUIRED_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -37,6 +40,7 @@ class NanoGPTCheckpoint:
     iter_num: int | None
     config: dict[str, Any] | None
     prefix: str  # "_orig_mod." when saved from a torch.compile'd model, else ""
+    mapped: tuple[tuple[int, int], ...] = ()  # where the file is memory-mapped (mapped_file.release_pages)
     best_val_loss: float | None = None
     keys: tuple[str, ...] = ()  # the file's top-level keys, in order
     extra: dict[str, Any] | None = None  # every top-level entry but 'model' (kept only when asked)
@@ -44,11 +48,18 @@ class NanoGPTCheckpoint:
 
 def load_checkpoint(path: Path, *, keep_training: bool = False) -> NanoGPTCheckpoint:
     """torch.load with weights_only=True: tensors and plain containers only, no code runs.
-    `keep_training` keeps the optimizer and every other non-weight entry in `extra`."""
+    `keep_training` keeps the optimizer and every other non-weight entry in `extra`.
+
+    torch.save's zip files (every nanoGPT checkpoint) are memory-mapped: nothing is read
+    until a tensor is used, so the optimizer state (twice the weights) is never read and
+    the conversion touches one tensor at a time. The older pickle format is read whole."""
+    import zipfile
+
     import torch
 
+    mapped = zipfile.is_zipfile(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():
             what = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "a pickled Python object")
@@ -74,7 +85,7 @@ def load_checkpoint(path: Path, *, keep_training: bool = False) -> NanoGPTCheckp
         state=state, model_args=dict(args), iter_num=int(iter_num) if iter_num is not None else None,
         config=ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None,
         prefix=PREFIX if prefixes == {True} else "",
-        best_val_loss=_scalar(best), keys=tuple(ckpt),
+        best_val_loss=_scalar(best), keys=tuple(ckpt), mapped=mapped_ranges(path) if mapped else (),
         extra={k: v for k, v in ckpt.items() if k != "model"} if keep_training else None,
     )
 
@@ -127,8 +138,10 @@ def _check_args(args: dict[str, Any], path: Path) -> None:
         raise SourceError(f"{path}: model_args hold values other than plain numbers/strings; {RESAVE_HINT}") from None
 
 
-def to_hf_state(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[dict, dict[str, Any]]:
-    """HF GPT2LMHeadModel state (fp32) and the record that undoes it (config.json `nanogpt`)."""
+def hf_plan(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[list[tuple[str, tuple[int, ...], Any]], dict[str, Any]]:
+    """The HF GPT2LMHeadModel tensors (name, shape, float32) in state-dict order, and the
+    record that undoes the conversion (config.json `nanogpt`). Every tensor's presence, type
+    and shape is checked from its metadata; only the tie and causal-mask checks read data."""
     import torch
 
     args = ckpt.model_args
@@ -139,12 +152,12 @@ def to_hf_state(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[dict, dict[str, An
     if unexpected:
         raise SourceError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) for a nanoGPT GPT; "
                           "is this a nanoGPT checkpoint?")
-    hf, dtypes = {}, {}
+    plan, dtypes = [], {}
     for key, shape in expected.items():
         t = ckpt.state.get(key)
         if t is None:
             if key.endswith("bias") and not args["bias"]:
-                hf[key] = torch.zeros(shape, dtype=torch.float32)  # HF GPT-2 always has biases
+                plan.append((key, shape, torch.float32))  # HF GPT-2 always has biases: zeros
                 continue
             if key == "lm_head.weight":
                 continue  # tied to wte, as nanoGPT always does
@@ -156,18 +169,42 @@ def to_hf_state(ckpt: NanoGPTCheckpoint, path: Path) -> tuple[dict, dict[str, An
                               "the checkpoint and its model_args disagree")
         if t.dtype != torch.float32:
             dtypes[key] = str(t.dtype).removeprefix("torch.")
-        t = t.to(torch.float32)
-        hf[key] = t.t().contiguous() if _is_transposed(key) else t.contiguous()
+        plan.append((key, shape[::-1] if _is_transposed(key) else shape, torch.float32))
     lm_head = ckpt.state.get("lm_head.weight")
-    tied = lm_head is None or torch.equal(lm_head, ckpt.state["transformer.wte.weight"])
+    tied = lm_head is None or _same(ckpt, lm_head, ckpt.state["transformer.wte.weight"])
     if tied:
-        hf.pop("lm_head.weight", None)
+        plan = [e for e in plan if e[0] != "lm_head.weight"]
     record = {
         "model_args": args, "iter_num": ckpt.iter_num, "best_val_loss": ckpt.best_val_loss, "key_prefix": ckpt.prefix,
         "keys": list(ckpt.state), "dtypes": dtypes, "lm_head": "tied" if tied else "separate",
         "causal_buffers": _causal_buffers(ckpt, buffers), **_plain_config(ckpt.config),
     }
-    return hf, record
+    return plan, record
+
+
+def hf_tensors(ckpt: NanoGPTCheckpoint, names: list[str]) -> Iterator[tuple[str, Any]]:
+    """The HF tensors `names` (from hf_plan), one at a time, fp32, Conv1D weights transposed.
+    Once the writer has taken a tensor, its pages of the mapped file are dropped again."""
+    import torch
+
+    shapes = nanogpt_shapes(ckpt.model_args)
+    for name in names:
+        src = ckpt.state.get(name)
+        if src is None:  # a bias of a bias=False model
+            yield name, torch.zeros(shapes[name], dtype=torch.float32)
+            continue
+        t = src.to(torch.float32)
+        yield name, t.t().contiguous() if _is_transposed(name) else t.contiguous()
+        del t
+        release_pages(ckpt.mapped, src)  # the writer is done with it
+
+
+def _same(ckpt: NanoGPTCheckpoint, a, b) -> bool:
+    import torch
+
+    same = torch.equal(a, b)
+    release_pages(ckpt.mapped, a, b)
+    return same
 
 
 def _causal_buffers(ckpt: NanoGPTCheckpoint, keys: list[str]) -> str:
@@ -181,7 +218,9 @@ def _causal_buffers(ckpt: NanoGPTCheckpoint, keys: list[str]) -> str:
     tril = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
     for k in keys:
         t = ckpt.state[k]
-        if t.dtype != tril.dtype or not torch.equal(t, tril):
+        same = t.dtype == tril.dtype and torch.equal(t, tril)
+        release_pages(ckpt.mapped, t)
+        if not same:
             raise SourceError(f"checkpoint buffer {k!r} is not nanoGPT's causal mask; drop the '.attn.bias' keys and re-save")
     return "tril"
 
@@ -301,21 +340,21 @@ class NanoGPTSource(CheckpointSource):
         return super().write_tokenizer(dest, model_max_length)
 
     def write_hf(self, dest: Path, progress: Progress, *, training_state: bool = False) -> dict[str, Any]:
-        from exportline.exporters.sources.hf_writer import write_config_files, write_hf_weights
+        from exportline.exporters.sources.hf_writer import write_config_files, write_hf_converted
 
         progress(f"hf: reading nanoGPT checkpoint {self.path.name}")
         ckpt = load_checkpoint(self.path, keep_training=training_state)
-        state, record = to_hf_state(ckpt, self.path)
+        plan, record = hf_plan(ckpt, self.path)
         training = None
         if training_state:
             from exportline.exporters.sources.nanogpt.training import write_training_state
 
             progress("hf: storing the training state (optimizer, iter_num, best_val_loss, config) in training/")
             training = write_training_state(ckpt.extra, list(ckpt.keys), dest, config=record["config"])
-        del ckpt
+            ckpt.extra = None
         config = hf_config(record["model_args"], record)
         tok_info = self.write_checked_tokenizer(dest, model_max_length=config.n_positions, vocab_size=config.vocab_size)
-        files = write_hf_weights(state, dest)
+        files = write_hf_converted(plan, lambda names: hf_tensors(ckpt, names), dest)
         write_config_files(config, dest)
         return {"weights": files, "tokenizer": tok_info, "random_init": False,
                 "iter_num": record["iter_num"], "zero_biases": not record["model_args"]["bias"],
