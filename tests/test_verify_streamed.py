@@ -3,6 +3,8 @@ in-memory model, bit for bit, while holding one module's weights at a time."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -104,7 +106,7 @@ def test_what_streaming_keeps_does_not_grow_with_depth(tmp_path):
 
     kept = []
     for layers in (2, 6):
-        model = streamed_model(_saved(lambda: _llama(layers=layers), tmp_path / str(layers)), "float64")
+        model = streamed_model(_saved(functools.partial(_llama, layers=layers), tmp_path / str(layers)), "float64")
         with torch.no_grad():
             model(input_ids=torch.arange(12)[None])
         stats = model.streamed_stats
@@ -127,3 +129,17 @@ def test_teacher_forced_reference_sees_what_its_greedy_loop_sees(tmp_path):
     assert max(float(np.abs(f - s).max()) for f, s in zip(forced, step_logits)) < 1e-12
     other = tokens[:3] + [(tokens[3] + 1) % 320] + tokens[4:]  # a candidate that strays at step 3
     assert [int(f.argmax()) for f in ref.teacher_forced(prompt, other)][:4] == tokens[:4]
+
+
+def test_a_truncated_safetensors_file_is_a_one_line_artifact_error(tmp_path):
+    import torch
+
+    from exportline.exporters.core.errors import ArtifactError
+    from exportline.verify.runtime.streamed import streamed_model
+
+    root = _saved(_llama, tmp_path / "m")
+    data = root / "model.safetensors"
+    data.write_bytes(data.read_bytes()[:-4096])
+    model = streamed_model(root, "float32")  # headers are read up front, tensors as modules run
+    with pytest.raises(ArtifactError, match="ends inside tensor .*re-run the hf stage"), torch.no_grad():
+        model(input_ids=torch.arange(4)[None])

@@ -7,7 +7,8 @@ in every case. Inputs are seeded: batch 1 and 3, short and long, left padding.
 
 The HF models run streamed (verify/runtime/streamed.py): each module's weights are read
 from the bundle's safetensors as it runs, so no whole model is held — a 1B preset holds
-the float64 embedding (0.5 GB) at most, not an 8 GB float64 copy. The float32 model's
+one module's weights (the float64 embedding, 0.5 GB) plus reused conversion buffers, not
+an 8 GB float64 copy (1b: 1.7 GiB peak RSS in this check, measured). The float32 model's
 greedy run is a real KV-cache loop; the reference judges it with one teacher-forced
 forward over its tokens (see _greedy_row), not a second 32-step loop.
 """

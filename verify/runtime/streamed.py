@@ -165,7 +165,7 @@ def _load_buffers(model, files: SafetensorsFiles, device: str) -> None:
     """Buffers onto `device` (module.to() would refuse the meta parameters), those stored in
     the files (persistent ones) loaded from them."""
     for name, buf in list(model.named_buffers()):
-        key = _file_key(model, name, files, [])
+        key = _file_key(model, name, files, aliases=[])
         owner, _, attr = name.rpartition(".")
         value = files.read(key) if key is not None else buf
         model.get_submodule(owner)._buffers[attr] = value.to(device=device, dtype=buf.dtype)
@@ -184,14 +184,14 @@ def stream_parameters(model, files: SafetensorsFiles, device: str) -> StreamStat
         keys = {}
         for n, p in own.items():
             full = f"{prefix}.{n}" if prefix else n
-            key = _file_key(model, full, files, aliases.get(id(p), []))
+            key = _file_key(model, full, files, aliases=aliases.get(id(p), []))
             if key is None:
-                raise ArtifactError(f"{files_root(files)} has no tensor for {full}; re-run the hf stage with --force")
+                raise ArtifactError(f"{_files_root(files)} has no tensor for {full}; re-run the hf stage with --force")
             if tuple(files.entries[key].shape) != tuple(p.shape):
                 raise ArtifactError(f"tensor {key} has shape {list(files.entries[key].shape)}, the model wants "
                                     f"{list(p.shape)}; re-run the hf stage with --force")
             keys[n] = key
-        _hook(module, keys, own, files, device=device, stats=stats)
+        _hook(module, keys, own, files=files, device=device, stats=stats)
     model.streamed_stats = stats
     return stats
 
@@ -222,7 +222,7 @@ class StreamStats:
         return sum(t.nbytes for t in self.pool.values())
 
 
-def _hook(module, keys: dict[str, str], meta: dict[str, Any], files: SafetensorsFiles, *, device: str,
+def _hook(module, keys: dict[str, str], meta: dict[str, Any], *, files: SafetensorsFiles, device: str,
           stats: StreamStats) -> None:
     import torch
 
@@ -252,7 +252,7 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], files: Safetensors
     module.register_forward_hook(drop)
 
 
-def _file_key(model, name: str, files: SafetensorsFiles, aliases: list[str]) -> str | None:
+def _file_key(model, name: str, files: SafetensorsFiles, *, aliases: list[str]) -> str | None:
     """The stored name of parameter/buffer `name`: itself, a tied alias, or the name with or
     without the base model prefix (checkpoints saved from a base model lack it)."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -264,6 +264,6 @@ def _file_key(model, name: str, files: SafetensorsFiles, aliases: list[str]) -> 
     return None
 
 
-def files_root(files: SafetensorsFiles) -> str:
+def _files_root(files: SafetensorsFiles) -> str:
     paths = {e.path.parent for e in files.entries.values()}
     return str(next(iter(paths))) if len(paths) == 1 else "the bundle"
