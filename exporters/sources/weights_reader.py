@@ -23,6 +23,7 @@ from exportline.exporters.core.errors import SourceError
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+_PREAD_MAX = 1 << 30
 _DTYPES = {  # safetensors dtype → numpy dtype of the stored bytes
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -118,13 +119,16 @@ class CheckpointWeights:
         (reused by the writer threads, sparing a page fault per 4 KiB of every tensor)."""
         stored = self.tensors[key]
         buf = np.empty(stored.nbytes, dtype=np.uint8) if into is None else into[: stored.nbytes]
+        view, done = memoryview(buf), 0
         fd = os.open(stored.file, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [buf], stored.offset)
+            while done < stored.nbytes:  # Linux reads at most ~2 GiB per call
+                got = os.preadv(fd, [view[done:done + _PREAD_MAX]], stored.offset + done)
+                if got <= 0:
+                    raise SourceError(f"{stored.file} ended early reading {key}; re-run the hf stage with --force")
+                done += got
         finally:
             os.close(fd)
-        if got != stored.nbytes:
-            raise SourceError(f"{stored.file} ended early reading {key}; re-run the hf stage with --force")
         return buf.view(_DTYPES[stored.dtype]).reshape(stored.shape)
 
     def read(self, key: str, dtype: np.dtype, into: np.ndarray | None = None) -> np.ndarray:

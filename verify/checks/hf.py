@@ -141,20 +141,21 @@ def _weights_row(root: Path, source: dict) -> CheckRow:
     1b: 3.6 GiB of RSS)."""
     import torch
 
-    from exportline.verify.runtime.streamed import SafetensorsFiles
+    from exportline.exporters.sources.weights_reader import CheckpointWeights
+    from exportline.verify.runtime.streamed import read_tensor
 
-    where = SafetensorsFiles(root)
+    where = CheckpointWeights(root)
     seen, bad, max_abs = set(), [], 0.0
     for name, want in _source_tensors(root, source):
         seen.add(name)
-        got = where.read(name) if name in where else None
+        got = read_tensor(where, name) if name in where else None
         if got is None or got.shape != want.shape or got.dtype != want.dtype:
             bad.append(name)
             continue
         if not torch.equal(got, want):
             bad.append(name)
             max_abs = max(max_abs, float((got.double() - want.double()).abs().max()))
-    bad += sorted(set(where.entries) - seen)
+    bad += sorted(set(where.tensors) - seen)
     metrics = {"tensors": float(len(seen)), "mismatched": float(len(bad)), "max_abs": max_abs}
     note = f"first mismatch: {bad[0]}" if bad else "all bit-identical"
     return judge(STAGE, "all weights", "weights", shape=(len(seen),), metrics=metrics, bounds={"mismatched": 0.0, "max_abs": 0.0}, note=note)

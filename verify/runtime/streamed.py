@@ -14,113 +14,62 @@ when the module is done with it, so mapped pages count in RSS only while their m
 float64 model converts from that mapping into a reused buffer. Reading into fresh buffers
 instead made every 1B forward copy 4 GB (and fault in 4 GB of new pages); the mapping is
 what transformers uses too, so a float32 streamed model is bit-identical to from_pretrained's
-(CPU BLAS rounding depends on the operands' alignment, which a mapping preserves). The
-header is the documented safetensors layout: 8 bytes little-endian header length, then JSON
-{name: {dtype, shape, data_offsets}}, offsets relative to the end of the header.
-A tied lm_head reads the embedding's tensor; persistent buffers stored in the files are
+(CPU BLAS rounding depends on the operands' alignment, which a mapping preserves). Where
+each tensor lies comes from the onnx stage's safetensors reader (exporters/sources/
+weights_reader.py), which checks every header against the file's size up front. A tied lm_head reads the embedding's tensor; persistent buffers stored in the files are
 loaded once, as from_pretrained does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exportline.exporters.core.errors import ArtifactError
+from exportline.exporters.sources.weights_reader import CheckpointWeights, StoredTensor
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_PREAD_MAX = 1 << 30  # Linux returns at most ~2 GiB per read call
-
-
-@dataclass(frozen=True)
-class _Entry:
-    path: Path
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # absolute file offsets
-    end: int
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-class SafetensorsFiles:
-    """Tensor name → where its bytes lie in the folder's *.safetensors; `read(name)` copies
-    them into a new tensor, `mapped(name)` maps just them (unmapped when the tensor is freed)."""
+def _torch_dtype(stored: StoredTensor):
+    import torch
 
-    def __init__(self, root: Path):
-        from exportline.exporters.sources.weights_reader import shard_paths
-
-        self.entries: dict[str, _Entry] = {}
-        for path in shard_paths(Path(root)):
-            self.entries.update(_header(path))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def read(self, name: str):
-        import torch
-
-        e = self.entries[name]
-        out = torch.empty(e.shape, dtype=getattr(torch, _DTYPES[e.dtype]))
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        fd = os.open(e.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < len(buf):
-                got = os.preadv(fd, [buf[done:done + _PREAD_MAX]], e.begin + done)
-                if got <= 0:
-                    raise ArtifactError(f"{e.path} ends inside tensor {name}; re-run the hf stage with --force")
-                done += got
-        finally:
-            os.close(fd)
-        return out
-
-    def mapped(self, name: str):
-        import mmap
-        import warnings
-
-        import torch
-
-        e = self.entries[name]
-        dtype = getattr(torch, _DTYPES[e.dtype])
-        if e.end == e.begin:
-            return torch.empty(e.shape, dtype=dtype)
-        start = e.begin - e.begin % mmap.ALLOCATIONGRANULARITY
-        try:
-            with open(e.path, "rb") as f:
-                # MAP_POPULATE: the pages (in the page cache, usually) are mapped in one call rather
-                # than one fault per 64 KiB (1b float32 decode step: 0.57 s → 0.47 s, measured)
-                region = mmap.mmap(f.fileno(), e.end - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                                   prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError):
-            raise ArtifactError(f"{e.path} ends inside tensor {name}; re-run the hf stage with --force") from None
-        with warnings.catch_warnings():  # a read-only buffer: nothing writes to weights in inference
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(region, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize, offset=e.begin - start)
-        return flat.view(e.shape)  # the tensor holds `region`; freeing it unmaps
+    return getattr(torch, _TORCH_DTYPES[stored.dtype])
 
 
-def _header(path: Path) -> dict[str, _Entry]:
-    with open(path, "rb") as f:
-        try:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        except (struct.error, ValueError):
-            raise ArtifactError(f"{path} is not a safetensors file; re-run the hf stage with --force") from None
-    start = 8 + size
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in _DTYPES:
-            raise ArtifactError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which verify cannot read")
-        begin, end = info["data_offsets"]
-        entries[name] = _Entry(path, info["dtype"], tuple(info["shape"]), start + begin, start + end)
-    return entries
+def read_tensor(files: CheckpointWeights, key: str):
+    """One tensor as stored, copied into a fresh torch tensor (pread, no mapping)."""
+    import torch
+
+    return torch.from_numpy(files.read_stored(key)).view(_torch_dtype(files.tensors[key]))
+
+
+def mapped_tensor(files: CheckpointWeights, key: str):
+    """One tensor's own bytes mapped read-only; freeing the tensor unmaps them."""
+    import mmap
+    import warnings
+
+    import torch
+
+    e = files.tensors[key]
+    dtype = _torch_dtype(e)
+    if not e.nbytes:
+        return torch.empty(e.shape, dtype=dtype)
+    start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(e.file, "rb") as f:
+            # MAP_POPULATE: the pages (in the page cache, usually) are mapped in one call rather
+            # than one fault per 64 KiB (1b float32 decode step: 0.57 s → 0.47 s, measured)
+            region = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, prot=mmap.PROT_READ,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=start)
+    except (OSError, ValueError):
+        raise ArtifactError(f"{e.file} ends inside tensor {key}; re-run the hf stage with --force") from None
+    with warnings.catch_warnings():  # a read-only buffer: nothing writes to weights in inference
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(region, dtype=dtype, count=e.nbytes // dtype.itemsize, offset=e.offset - start)
+    return flat.view(e.shape)  # the tensor holds `region`; freeing it unmaps
 
 
 @contextlib.contextmanager
@@ -151,7 +100,7 @@ def streamed_model(root: Path, dtype: str, *, device: str = "cpu", trust_remote_
     from exportline.exporters.sources.hf_writer import quiet_transformers
 
     root = Path(root)
-    files = SafetensorsFiles(root)
+    files = CheckpointWeights(root)
     with quiet_transformers(), _meta_parameters():
         config = AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code, local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
@@ -161,17 +110,17 @@ def streamed_model(root: Path, dtype: str, *, device: str = "cpu", trust_remote_
     return model.eval()
 
 
-def _load_buffers(model, files: SafetensorsFiles, device: str) -> None:
+def _load_buffers(model, files: CheckpointWeights, device: str) -> None:
     """Buffers onto `device` (module.to() would refuse the meta parameters), those stored in
     the files (persistent ones) loaded from them."""
     for name, buf in list(model.named_buffers()):
         key = _file_key(model, name, files, aliases=[])
         owner, _, attr = name.rpartition(".")
-        value = files.read(key) if key is not None else buf
+        value = read_tensor(files, key) if key is not None else buf
         model.get_submodule(owner)._buffers[attr] = value.to(device=device, dtype=buf.dtype)
 
 
-def stream_parameters(model, files: SafetensorsFiles, device: str) -> StreamStats:
+def stream_parameters(model, files: CheckpointWeights, device: str) -> StreamStats:
     """Hook every module that owns parameters; returns the counts of bytes held."""
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -186,9 +135,9 @@ def stream_parameters(model, files: SafetensorsFiles, device: str) -> StreamStat
             full = f"{prefix}.{n}" if prefix else n
             key = _file_key(model, full, files, aliases=aliases.get(id(p), []))
             if key is None:
-                raise ArtifactError(f"{_files_root(files)} has no tensor for {full}; re-run the hf stage with --force")
-            if tuple(files.entries[key].shape) != tuple(p.shape):
-                raise ArtifactError(f"tensor {key} has shape {list(files.entries[key].shape)}, the model wants "
+                raise ArtifactError(f"{files.folder} has no tensor for {full}; re-run the hf stage with --force")
+            if tuple(files.tensors[key].shape) != tuple(p.shape):
+                raise ArtifactError(f"tensor {key} has shape {list(files.tensors[key].shape)}, the model wants "
                                     f"{list(p.shape)}; re-run the hf stage with --force")
             keys[n] = key
         _hook(module, keys, own, files=files, device=device, stats=stats)
@@ -222,7 +171,7 @@ class StreamStats:
         return sum(t.nbytes for t in self.pool.values())
 
 
-def _hook(module, keys: dict[str, str], meta: dict[str, Any], *, files: SafetensorsFiles, device: str,
+def _hook(module, keys: dict[str, str], meta: dict[str, Any], *, files: CheckpointWeights, device: str,
           stats: StreamStats) -> None:
     import torch
 
@@ -230,7 +179,7 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], *, files: Safetens
 
     def load(mod, args):
         for n, key in keys.items():
-            t = files.mapped(key)
+            t = mapped_tensor(files, key)
             stats.read += t.nbytes
             if t.dtype != meta[n].dtype or device != "cpu":  # float32 on disk, float64 model: convert
                 t = stats.buffer(meta[n].dtype, t.shape, device).copy_(t)  # as .to(dtype); float32 → float64 is exact
@@ -252,7 +201,7 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], *, files: Safetens
     module.register_forward_hook(drop)
 
 
-def _file_key(model, name: str, files: SafetensorsFiles, *, aliases: list[str]) -> str | None:
+def _file_key(model, name: str, files: CheckpointWeights, *, aliases: list[str]) -> str | None:
     """The stored name of parameter/buffer `name`: itself, a tied alias, or the name with or
     without the base model prefix (checkpoints saved from a base model lack it)."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -262,8 +211,3 @@ def _file_key(model, name: str, files: SafetensorsFiles, *, aliases: list[str]) 
             if key is not None and key in files:
                 return key
     return None
-
-
-def _files_root(files: SafetensorsFiles) -> str:
-    paths = {e.path.parent for e in files.entries.values()}
-    return str(next(iter(paths))) if len(paths) == 1 else "the bundle"
