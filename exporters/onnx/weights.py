@@ -86,16 +86,12 @@ def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, *, shap
 
 
 def _checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: str) -> str:
-    """The checkpoint key of a parameter known by `names` (tied parameters have several);
-    checkpoints saved from the base model lack the `model.`/`transformer.` prefix."""
-    for name in names:
-        stripped = name[len(base_prefix) + 1:] if name.startswith(base_prefix + ".") else None
-        for candidate in (name, stripped, f"{base_prefix}.{name}"):
-            if candidate and candidate in weights:
-                return candidate
-    raise SourceError(
-        f"{weights.folder}: no tensor {names[0]!r} in the safetensors; the weights do not match config.json"
-    )
+    key = weights.key_for(names, base_prefix)
+    if key is None:
+        raise SourceError(
+            f"{weights.folder}: no tensor {names[0]!r} in the safetensors; the weights do not match config.json"
+        )
+    return key
 
 
 def _aliases(model) -> dict[str, list[str]]:

@@ -110,6 +110,17 @@ class CheckpointWeights:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
+    def key_for(self, names: list[str], base_prefix: str) -> str | None:
+        """The stored key of a parameter known by `names` (tied parameters have several):
+        as named, or without / with the base model prefix (`model.`, `transformer.`), since
+        checkpoints saved from the base model lack it. None when none is stored."""
+        for name in names:
+            stripped = name[len(base_prefix) + 1:] if base_prefix and name.startswith(base_prefix + ".") else None
+            for candidate in (name, stripped, f"{base_prefix}.{name}" if base_prefix else None):
+                if candidate and candidate in self.tensors:
+                    return candidate
+        return None
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

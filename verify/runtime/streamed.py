@@ -114,7 +114,7 @@ def _load_buffers(model, files: CheckpointWeights, device: str) -> None:
     """Buffers onto `device` (module.to() would refuse the meta parameters), those stored in
     the files (persistent ones) loaded from them."""
     for name, buf in list(model.named_buffers()):
-        key = _file_key(model, name, files, aliases=[])
+        key = files.key_for([name], getattr(model, "base_model_prefix", ""))
         owner, _, attr = name.rpartition(".")
         value = read_tensor(files, key) if key is not None else buf
         model.get_submodule(owner)._buffers[attr] = value.to(device=device, dtype=buf.dtype)
@@ -133,7 +133,7 @@ def stream_parameters(model, files: CheckpointWeights, device: str) -> StreamSta
         keys = {}
         for n, p in own.items():
             full = f"{prefix}.{n}" if prefix else n
-            key = _file_key(model, full, files, aliases=aliases.get(id(p), []))
+            key = files.key_for([full, *aliases.get(id(p), [])], getattr(model, "base_model_prefix", ""))
             if key is None:
                 raise ArtifactError(f"{files.folder} has no tensor for {full}; re-run the hf stage with --force")
             if tuple(files.tensors[key].shape) != tuple(p.shape):
@@ -199,15 +199,3 @@ def _hook(module, keys: dict[str, str], meta: dict[str, Any], *, files: Checkpoi
 
     module.register_forward_pre_hook(load)
     module.register_forward_hook(drop)
-
-
-def _file_key(model, name: str, files: CheckpointWeights, *, aliases: list[str]) -> str | None:
-    """The stored name of parameter/buffer `name`: itself, a tied alias, or the name with or
-    without the base model prefix (checkpoints saved from a base model lack it)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    for candidate in [name, *aliases]:
-        stripped = candidate[len(prefix) + 1:] if prefix and candidate.startswith(prefix + ".") else None
-        for key in (candidate, stripped, f"{prefix}.{candidate}" if prefix else None):
-            if key is not None and key in files:
-                return key
-    return None
