@@ -33,7 +33,7 @@ def channel_absmax(
     path = scratch / model_path.name
     onnx.save(aug, str(path))
     for data in {e.value for t in graph_only.graph.initializer for e in t.external_data if e.key == "location"}:
-        _link(model_path.parent / data, scratch / data)
+        link_beside(model_path.parent / data, scratch / data)
 
     def update(values) -> None:
         for tensor, value in zip(channels, values):
@@ -69,7 +69,7 @@ def augment(graph_only, channels: dict[str, int]):
     return aug, outputs
 
 
-def _link(src: Path, dest: Path) -> None:
+def link_beside(src: Path, dest: Path) -> None:
     """onnxruntime refuses external data outside the model's folder, symlinks included;
     a hard link costs nothing and a copy is the fallback across filesystems."""
     try:

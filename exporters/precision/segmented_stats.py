@@ -32,7 +32,7 @@ import numpy as np
 
 from exportline.exporters.core.errors import StageError
 from exportline.exporters.onnx.graph_index import remove_dead_nodes, topological_sort
-from exportline.exporters.precision.activation_stats import _link, augment
+from exportline.exporters.precision.activation_stats import augment, link_beside
 
 SHAPE_ONLY = {"Shape", "Size"}  # readers that see a tensor's shape, never its values
 
@@ -139,7 +139,7 @@ def segmented_absmax(model_path: Path, graph_only, channels: dict[str, int], *, 
     stats = {t: np.zeros(size, np.float32) for t, size in channels.items()}
     scratch.mkdir(parents=True, exist_ok=True)
     for data in {e.value for t in aug.graph.initializer for e in t.external_data if e.key == "location"}:
-        _link(model_path.parent / data, scratch / data)
+        link_beside(model_path.parent / data, scratch / data)
     run, held = _SegmentRun(aug, segments, feeds=feeds, recurrence=recurrence), []
     try:
         for k in range(len(segments)):
