@@ -126,3 +126,53 @@ def write_tiny_gpt2(dest: Path) -> None:
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(dest)
+
+
+class WholeGraphReader:
+    """The whole fp32 graph in ONE onnxruntime session over KVCalibrationFeeds.plan() — the
+    reference the int8 stage's segmented statistics are tested against, and an onnxruntime
+    CalibrationDataReader (get_next), so its own calibrators can be run on the same feeds.
+    `observe=(names, callback)`: the model has these extra outputs, whose values for every
+    feed go to `callback`; `level`: onnxruntime GraphOptimizationLevel (None: its default)."""
+
+    def __init__(self, model_path, chunks, layout, *, observe=None, level=None):
+        from exportline.exporters.precision.kv_calibration import KVCalibrationFeeds
+
+        self.model_path, self.layout, self.observe, self.level = model_path, layout, observe, level
+        self.plan = KVCalibrationFeeds(chunks, layout)
+        self.feeds = 0
+        self._it = None
+
+    def get_next(self):
+        if self._it is None:
+            self._it = self._generate()
+        return next(self._it, None)
+
+    def drain(self) -> None:
+        for _ in self._generate():
+            pass
+
+    def _generate(self):
+        import onnxruntime as ort
+
+        from exportline.exporters.precision.segmented_stats import Recurrent
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.level is not None:
+            opts.graph_optimization_level = self.level
+        session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        presents = self.layout.present_names()
+        observed, callback = self.observe or ([], None)
+        feeds, past = self.plan.plan(), {}
+        for k, planned in enumerate(feeds):
+            feed = {n: past[n] if isinstance(v, Recurrent) else v for n, v in planned.items()}
+            self.feeds += 1
+            yield feed
+            following = feeds[k + 1] if k + 1 < len(feeds) else None
+            recurs = following is not None and any(isinstance(v, Recurrent) for v in following.values())
+            if recurs or callback:  # the next step's past, and what is observed
+                values = session.run(presents + observed, feed)
+                past = dict(zip(self.layout.past_names(), values))
+                if callback:
+                    callback(values[len(presents):])

@@ -344,7 +344,8 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
     from exportline.exporters.precision.activation_stats import channel_absmax
     from exportline.exporters.precision.calibration import load_tokenizer, spread
     from exportline.exporters.precision.int8_graph import activation_channels
-    from exportline.exporters.precision.kv_calibration import KVCalibrationReader
+
+    from quant_models import WholeGraphReader
 
     root, _ = trained
     source = root / "onnx" / "model.onnx"
@@ -353,10 +354,10 @@ def test_one_pass_ranges_equal_onnxruntime_minmax(trained, tmp_path):
     graph = load_graph(source, infer=False, weights=False)
     channels = activation_channels(graph, weight_matmuls(graph))
     ours = channel_absmax(source, graph, channels, scratch=tmp_path / "stats",
-                          run=lambda path, observe: KVCalibrationReader(path, chunks, layout, observe=observe).drain())
+                          run=lambda path, observe: WholeGraphReader(path, chunks, layout, observe=observe).drain())
     calibrator = create_calibrator(source, ["MatMul"], augmented_model_path=str(tmp_path / "aug.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
-    calibrator.collect_data(KVCalibrationReader(source, chunks, layout))
+    calibrator.collect_data(WholeGraphReader(source, chunks, layout))
     theirs = calibrator.compute_data()
     assert len(channels) == 2 * 4  # per layer: q/k/v input, o input, gate/up input, down input
     for tensor, stats in ours.items():

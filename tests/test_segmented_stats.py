@@ -15,11 +15,10 @@ from exportline.exporters.core.shapes import KVLayout
 from exportline.exporters.onnx.external_data import load_graph
 from exportline.exporters.precision.activation_stats import channel_absmax
 from exportline.exporters.precision.int8_graph import activation_channels, weight_matmuls
-from exportline.exporters.precision.kv_calibration import KVCalibrationReader
 from exportline.exporters.precision.segmented_stats import augment, plan_segments, segment_weights, segmented_absmax, tensor_bytes
 from exportline.exporters.sources import resolve_source
 
-from quant_models import FolderSource, export_bundle, write_tiny_gpt2
+from quant_models import FolderSource, WholeGraphReader, export_bundle, write_tiny_gpt2
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +37,13 @@ def bundles(tmp_path_factory):
     return roots
 
 
-def _reader(root, path=None, **kw) -> KVCalibrationReader:
+def _reader(root, path=None, **kw) -> WholeGraphReader:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(root)
     rng = np.random.default_rng(0)
     chunks = rng.integers(0, config.vocab_size, size=(12, 20)).tolist()  # 2 batches, prefill 12 + 8 decode steps
-    return KVCalibrationReader(path or root / "onnx" / "model.onnx", chunks, KVLayout.from_config(config), **kw)
+    return WholeGraphReader(path or root / "onnx" / "model.onnx", chunks, KVLayout.from_config(config), **kw)
 
 
 def _statistics(root, tmp_path):
@@ -52,7 +51,7 @@ def _statistics(root, tmp_path):
     graph = load_graph(source, infer=False, weights=False)
     channels = activation_channels(graph, weight_matmuls(graph))
     reader = _reader(root)
-    segmented, facts = segmented_absmax(source, graph, channels, feeds=reader.plan(), recurrence=reader.recurrence(),
+    segmented, facts = segmented_absmax(source, graph, channels, feeds=reader.plan.plan(), recurrence=reader.plan.recurrence(),
                                         scratch=tmp_path / "segments")
     whole = {}
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, None):
@@ -85,7 +84,7 @@ def _segments(root):
     aug, observed = augment(graph, activation_channels(graph, weight_matmuls(graph)))
     del aug.graph.output[:]
     aug.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in observed + reader.layout.present_names())
-    segments, budget = plan_segments(aug, reader.recurrence())
+    segments, budget = plan_segments(aug, reader.plan.recurrence())
     held = [sum(tensor_bytes(t) for t in segment_weights(aug.graph, s)) for s in segments]
     return graph, held, budget
 

@@ -42,8 +42,8 @@ def npz_feeds(io: DeclaredIO, path: Path) -> list[dict[str, np.ndarray]]:
 
 
 class DeclaredCalibrationReader:
-    """onnxruntime CalibrationDataReader over fixed feeds; `observe=(names, callback)` as in
-    kv_calibration.KVCalibrationReader: those outputs' values go to `callback` for every feed."""
+    """One session of the whole graph over fixed feeds; `observe=(names, callback)`: the model
+    at `model_path` has these extra outputs, and their values for every feed go to `callback`."""
 
     def __init__(self, model_path: Path, feeds: list[dict], *, observe: tuple[list[str], Callable] | None = None):
         self.model_path, self.all_feeds, self.observe = model_path, feeds, observe

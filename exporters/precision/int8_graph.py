@@ -51,7 +51,7 @@ from exportline.exporters.core.layout import GRAPHS
 from exportline.exporters.onnx.external_data import load_graph, save_streamed
 from exportline.exporters.onnx.graph_index import GraphIndex, topological_sort
 from exportline.exporters.precision.activation_stats import channel_absmax
-from exportline.exporters.precision.kv_calibration import KVCalibrationReader
+from exportline.exporters.precision.kv_calibration import KVCalibrationFeeds
 from exportline.exporters.precision.smoothing import Streamed, find_groups, input_axis
 from exportline.exporters.precision.smoothing import apply as smooth
 
@@ -111,13 +111,13 @@ def _quiet():
         ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
 
 
-def segmented_statistics(reader: KVCalibrationReader) -> Callable:
-    """The statistics pass of a built-in LM: segmented_stats over the reader's feed plan."""
+def segmented_statistics(feeds: KVCalibrationFeeds) -> Callable:
+    """The statistics pass of a built-in LM: segmented_stats over the feed plan."""
     from exportline.exporters.precision.segmented_stats import segmented_absmax
 
     def statistics(source: Path, graph, channels: dict[str, int], *, scratch: Path):
-        plan = reader.plan()
-        stats, facts = segmented_absmax(source, graph, channels, feeds=plan, recurrence=reader.recurrence(), scratch=scratch)
+        plan = feeds.plan()
+        stats, facts = segmented_absmax(source, graph, channels, feeds=plan, recurrence=feeds.recurrence(), scratch=scratch)
         return stats, {"calibration_feeds": len(plan), "calibration_segments": facts}
 
     return statistics

@@ -6,39 +6,19 @@ declared I/O has its own reader (exporters/precision/declared_calibration.py).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
-
 BATCH = 8  # sequences per calibration feed
 DECODE_STEPS = 8  # decode feeds after each prefill
 
 
-class KVCalibrationReader:
-    """onnxruntime CalibrationDataReader: per batch, one prefill feed (empty past) and then
-    DECODE_STEPS one-token feeds with the past the fp32 model itself produced.
+class KVCalibrationFeeds:
+    """Per batch of calibration chunks, one prefill feed (empty past) and then DECODE_STEPS
+    one-token feeds whose past is what the fp32 model itself produced on the step before
+    (teacher-forced on the chunk's own tokens). exporters/precision/segmented_stats.py runs
+    the graph over `plan()`; tests/quant_models.py's WholeGraphReader runs it in one session,
+    as onnxruntime's calibrators would, and is what the segmented pass is tested against."""
 
-    `observe=(names, callback)`: the model at `model_path` has these extra outputs, and the
-    reader hands their values for every feed to `callback` (the SmoothQuant statistics pass
-    runs this way, so one session both produces the past and measures the activations)."""
-
-    def __init__(self, model_path: Path, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS,
-                 observe: tuple[list[str], Callable] | None = None, level=None):
-        self.model_path, self.chunks, self.layout, self.decode_steps = model_path, chunks, layout, decode_steps
-        self.observe, self.level = observe, level  # level: onnxruntime GraphOptimizationLevel (None: its default)
-        self.feeds = 0
-        self._it = None
-
-    def get_next(self) -> dict | None:
-        if self._it is None:
-            self._it = self._generate()
-        return next(self._it, None)
-
-    def __iter__(self):
-        return self._generate()
-
-    def drain(self) -> None:
-        for _ in self._generate():
-            pass
+    def __init__(self, chunks: list[list[int]], layout, *, decode_steps: int = DECODE_STEPS):
+        self.chunks, self.layout, self.decode_steps = chunks, layout, decode_steps
 
     def plan(self) -> list[dict]:
         """Every feed in order: a prefill (empty past), then one-token decode steps whose past
@@ -66,31 +46,3 @@ class KVCalibrationReader:
     def recurrence(self) -> dict[str, str]:
         """past input → the present output it is fed from."""
         return dict(zip(self.layout.past_names(), self.layout.present_names()))
-
-    def _generate(self):
-        """The whole fp32 graph in one session over plan(): the reference the segmented
-        statistics are tested against, and onnxruntime's calibrators' reader."""
-        import onnxruntime as ort
-
-        from exportline.exporters.precision.segmented_stats import Recurrent
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.level is not None:
-            opts.graph_optimization_level = self.level
-        session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
-        presents = self.layout.present_names()
-        observed, callback = self.observe or ([], None)
-        feeds, past = self.plan(), {}
-        for k, planned in enumerate(feeds):
-            feed = {n: past[n] if isinstance(v, Recurrent) else v for n, v in planned.items()}
-            self.feeds += 1
-            yield feed
-            following = feeds[k + 1] if k + 1 < len(feeds) else None
-            recurs = following is not None and any(isinstance(v, Recurrent) for v in following.values())
-            if recurs or callback:  # the next step's past, and what is observed
-                values = session.run(presents + observed, feed)
-                past = dict(zip(self.layout.past_names(), values))
-                if callback:
-                    callback(values[len(presents):])
-

@@ -26,7 +26,7 @@ from exportline.exporters.precision.calibration import (
     spread,
 )
 from exportline.exporters.precision.int8_graph import segmented_statistics, smooth_and_quantize, whole_graph_statistics
-from exportline.exporters.precision.kv_calibration import DECODE_STEPS, KVCalibrationReader
+from exportline.exporters.precision.kv_calibration import DECODE_STEPS, KVCalibrationFeeds
 from exportline.exporters.precision.qdq_form import qdq_form_problems, qdq_summary
 
 SOURCE = GRAPHS["fp32"].path
@@ -63,8 +63,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         raise NotAvailable(f"not available: {exc}") from None
     chunks = spread(split.calibration, CALIBRATION_CHUNKS)
     ctx.progress(f"int8: calibrating on {len(chunks)} sequences (prefill + {DECODE_STEPS} decode steps)")
-    reader = KVCalibrationReader(ctx.bundle_file(SOURCE), chunks, layout)
-    model, facts, files = _quantized(ctx, segmented_statistics(reader))
+    model, facts, files = _quantized(ctx, segmented_statistics(KVCalibrationFeeds(chunks, layout)))
     feeds = facts.pop("calibration_feeds")
     return {
         **qdq_summary(model), **facts,
