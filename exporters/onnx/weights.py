@@ -10,6 +10,9 @@ No large weight is read before `save`, which writes one tensor at a time.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,40 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
+class _Building:
+    """While the graph is built, checkpoint weights are opaque: a pass that asks one for its
+    value (constant folding, a rewrite rule testing `x + 0`) is told it is not available,
+    as for external data not on disk, and leaves it alone. So the graph's structure never
+    depends on weight values — a zero bias at random init must not vanish from a graph the
+    graph cache reuses for trained checkpoints (onnx/graph_cache.py)."""
+
+    active = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def opaque(cls):
+        logger = logging.getLogger("onnxscript.optimizer._constant_folding")
+        quiet = _DropUnavailable()
+        cls.active = True
+        logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            cls.active = False
+            logger.removeFilter(quiet)
+
+
+class _DropUnavailable(logging.Filter):
+    """The folder warns once per weight it may not read, and once per node it then cannot
+    evaluate (Transpose of a tied embedding): that is the point, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("External data for value", "Evaluation failed"))
+
+
+opaque_weights = _Building.opaque
+
+
 def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, *, shape, name: str):
     """An initializer's data: `source` read (and transposed) only when it is written."""
     import onnx_ir as ir
@@ -76,6 +113,8 @@ def lazy_weight(weights: CheckpointWeights, source: WeightSource, dtype, *, shap
             yield out
 
     def materialize():
+        if _Building.active:
+            raise FileNotFoundError(errno.ENOENT, "checkpoint weights are not read while the graph is built", name)
         array = weights.read(source.key, dtype.numpy())
         if source.perm is not None:
             array = torch.from_numpy(array).permute(source.perm).contiguous().numpy()
@@ -187,17 +226,41 @@ def fold_weight_transposes(graph, sources: dict[str, WeightSource], weights: Che
 
 def simplify(model) -> None:
     """The local half of onnxscript's optimizer (what torch.onnx runs with optimize=True):
-    constant folding and its rewrite rules, twice. Folding reads only tensors below its
-    size limit, so the large weights stay unread until `save`."""
+    constant folding and its rewrite rules, twice. Checkpoint weights are opaque meanwhile
+    (`opaque_weights`), so no weight is read until `save`."""
     import onnx_ir.passes.common as passes
     from onnxscript.optimizer import fold_constants_ir
     from onnxscript.rewriter import rewrite
 
+    rules = _structural_rules()
     passes.InlinePass()(model)
     for _ in range(2):
         fold_constants_ir(model, onnx_shape_inference=True)
-        rewrite(model)
+        rewrite(model, pattern_rewrite_rules=rules)
         passes.RemoveUnusedNodesPass()(model)
+
+
+def _structural_rules() -> list:
+    """onnxscript's default rewrite rules less those that decide on a weight's values (drop an
+    all-zero bias, fold a batch norm into a conv): with opaque weights they cannot run, and
+    their result would hold for one checkpoint only. onnxscript offers the default list only
+    privately; the rules taken out are public names, so a renamed rule fails loudly here."""
+    import onnxscript.rewriter as rewriter
+    from onnxscript.rewriter.rules.common import (
+        fuse_batchnorm_into_conv_rule,
+        fuse_batchnorm_into_conv_transpose_rule,
+        fuse_batchnorm_into_gemm_rule,
+        remove_optional_bias_from_conv_rule,
+        remove_optional_bias_from_conv_transpose_rule,
+        remove_optional_bias_from_gemm_rule,
+        remove_optional_bias_from_qlinear_conv_rule,
+    )
+
+    by_value = {id(r) for r in (
+        fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule,
+        remove_optional_bias_from_conv_rule, remove_optional_bias_from_conv_transpose_rule,
+        remove_optional_bias_from_gemm_rule, remove_optional_bias_from_qlinear_conv_rule)}
+    return [r for r in rewriter._DEFAULT_REWRITE_RULES if id(r) not in by_value]
 
 
 def finalize(model) -> None:
@@ -211,13 +274,35 @@ def finalize(model) -> None:
     for step in (
         passes.RemoveUnusedNodesPass(),
         passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        passes.DeduplicateInitializersPass(),
+        _merge_constants,
         passes.CommonSubexpressionEliminationPass(),
         passes.RemoveUnusedNodesPass(),
         passes.OutputFixPass(),
         passes.NameFixPass(),
     ):
         step(model)
+
+
+def _merge_constants(model) -> None:
+    """Equal small initializers merge, except checkpoint weights: whether two weights are
+    equal is a fact of one checkpoint (random-init norms are all ones), not of the
+    architecture, and the graph must not depend on weight values: the graph cache reuses it
+    for every checkpoint of the config (onnx/graph_cache.py)."""
+    import onnx_ir.passes.common as passes
+
+    hidden = []  # per graph: (initializer order, checkpoint weights taken out)
+    for graph in model.graphs():
+        weights = {n: v for n, v in graph.initializers.items() if getattr(v.const_value, "origin", None) is not None}
+        hidden.append((graph, list(graph.initializers), weights))
+        for name in weights:
+            graph.initializers.pop(name)
+    passes.DeduplicateInitializersPass()(model)
+    for graph, order, weights in hidden:
+        kept = dict(graph.initializers)
+        graph.initializers.clear()
+        for name in order:  # in the original order: it is the data file's layout
+            if (value := weights.get(name) or kept.get(name)) is not None:
+                graph.register_initializer(value)
 
 
 def save(model, path: Path, data_name: str) -> None:
