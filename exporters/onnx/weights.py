@@ -322,12 +322,53 @@ def _merge_constants(model) -> None:
 
 
 def save(model, path: Path, data_name: str) -> None:
-    """model.onnx + ONE external data file beside it (location relative), tensor by tensor."""
+    """model.onnx + ONE external data file beside it (location relative), tensor by tensor;
+    the data file's sha256 is computed while it is written and handed to the bundle's digest
+    memo (onnx/write_digest.py), so the manifest does not read it a second time."""
     import onnx_ir as ir
 
+    from exportline.exporters.core.bundle import remember_digest
+    from exportline.exporters.onnx import write_digest
+
+    data = Path(path).parent / data_name
+    restore = _chunk_external(model)
+    hasher = write_digest.start(data)
     try:
         ir.save(model, path, external_data=data_name, size_threshold_bytes=_INLINE_BYTES, max_workers=_WRITERS)
     except OSError as exc:
         from exportline.exporters.core.errors import OutputError
 
         raise OutputError(f"cannot write {path}: {exc.strerror}; free disk space or pick another --out") from None
+    finally:
+        write_digest.stop(data)
+        digest = hasher.finish()
+        restore()
+    if digest is not None:
+        remember_digest(data, digest)
+
+
+def _chunk_external(model):
+    """Every tensor bound for the data file as a ChunkedTensor, whose writes the hasher sees
+    (a constant table folded in memory would otherwise be a gap it waits on); returns the
+    function that puts the original tensors back."""
+    import onnx_ir as ir
+
+    from exportline.exporters.onnx.chunked import _chunked_class
+
+    swapped = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes <= _INLINE_BYTES or isinstance(tensor, _chunked_class()):
+                continue
+            if isinstance(tensor, ir.ExternalTensor):
+                continue  # onnx_ir copies it; the hasher reads those bytes in order at the end
+            swapped.append((value, tensor))
+            value.const_value = chunked_tensor(lambda t=tensor: [t.tobytes()], dtype=tensor.dtype,
+                                               shape=tensor.shape, name=tensor.name)
+
+    def restore():
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+    return restore
