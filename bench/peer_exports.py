@@ -86,13 +86,19 @@ def _files(folder: Path) -> dict[str, int]:
 def export_exportline(source: str, bundle: Path, *, overrides: list[str], env: dict | None = None,
                       peer: str = "exportline") -> Export:
     """The onnx stage, forced, in a fresh interpreter (bench/export_cost.py's child); the
-    files are the ones its stage record lists, i.e. what manifest.json says it wrote."""
+    files are the ones its stage record lists, i.e. what manifest.json says it wrote.
+
+    Its source is the HF folder itself (the bundle root, which continues the export its hf
+    stage recorded), as the other peers are given it, not the preset name: a preset is
+    validated against transformers' config classes first, an import (torch with it) that is
+    no part of exporting a folder."""
     from exportline.bench.export_cost import _run_child
     from exportline.exporters.core.errors import ExportlineError
 
-    cmd = [sys.executable, "-m", "exportline.bench.export_cost", source, "--stages", "onnx", "--out", str(bundle)]
+    del source, overrides  # already applied by ensure_hf_folder: the folder is the source now
+    cmd = [sys.executable, "-m", "exportline.bench.export_cost", str(bundle), "--stages", "onnx", "--out", str(bundle)]
     try:
-        record, wall, usage = _run_child(source, "onnx", bundle, overrides=overrides, force=True, env=env)
+        record, wall, usage = _run_child(str(bundle), "onnx", bundle, overrides=[], force=True, env=env)
     except ExportlineError as exc:
         return Export(peer, "not available", f"onnx stage failed: {exc}", command=cmd)
     files = {rel: (bundle / rel).stat().st_size for rel in record.get("outputs", [])}
