@@ -9,7 +9,8 @@ a few of its largest tensors. Checkpoints are written the way upstream writes th
 (nanoGPT train.py's torch.save with the optimizer; llama2.c export.py's v0 and v2 files).
 
 The files themselves are byte for byte what safetensors' save_file writes from the whole
-state dict (the writer lays them out in its order), sharded or not.
+state dict (the writer lays them out in its order), sharded or not. nanoGPT's training
+state (--with-training-state: AdamW's moments, twice the weights) streams the same way.
 """
 
 from __future__ import annotations
