@@ -25,7 +25,8 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # exportline's cache (graph cache, timing cache) for fixtures wider than one test; each test
 # gets its own below.
-os.environ["EXPORTLINE_CACHE"] = tempfile.mkdtemp(prefix="exportline-tests-cache-")
+_CACHE = tempfile.mkdtemp(prefix="exportline-tests-cache-")
+os.environ["EXPORTLINE_CACHE"] = _CACHE
 
 from deploy_bundle import build_bundle, exportline_cmd  # noqa: E402 (after the environment is isolated)
 from hub_server import HubServer, HubState  # noqa: E402
@@ -33,8 +34,9 @@ from hub_server import HubServer, HubState  # noqa: E402
 
 def pytest_unconfigure(config):
     # Every pytest process that imports this file (each xdist worker too) made its own
-    # HF_HOME above; nothing reads it once the session is over, and /tmp is shared.
+    # HF_HOME and EXPORTLINE_CACHE above; nothing reads it once the session is over, and /tmp is shared.
     shutil.rmtree(_HF_HOME, ignore_errors=True)
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @dataclass
