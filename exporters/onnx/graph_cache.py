@@ -125,22 +125,25 @@ def detach(model, *, key: str, material: dict, layout: KVLayout, architecture: s
 
 def write_entry(key: str, data: bytes, entry: dict) -> str:
     """Write graphs/<key>/ via a temporary folder and a rename; returns what happened (for the
-    record). A failure to write is reported, never raised: the export itself succeeded."""
+    record). A failure to write is reported, never raised: the export itself succeeded. Two
+    exports storing one key at once: the later rename fails or replaces an equal entry."""
     root = cache_root() / "graphs"
+    tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=root))
         (tmp / GRAPH_FILE).write_bytes(data)
         (tmp / ENTRY_FILE).write_text(json.dumps(entry, sort_keys=True))
         final = root / key
-        if final.exists():  # a damaged entry being replaced: move it aside first (rename is atomic)
+        if final.exists():  # a damaged entry being replaced: moved aside first (a rename is atomic)
             old = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.old.", dir=root))
             os.replace(final, old / "entry")
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
         return "stored"
     except OSError as exc:
-        shutil.rmtree(locals().get("tmp", root / ".none"), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         return f"not stored: {exc.strerror or exc} ({root})"
 
 
