@@ -97,3 +97,19 @@ def test_a_file_changed_after_writing_is_hashed_again(tmp_path):
     data.write_bytes(bytes(raw))
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert bundle_module.sha256_file(data) == hashlib.sha256(bytes(raw)).hexdigest() != written
+
+
+def test_a_write_that_never_reaches_its_final_path_gives_no_digest(tmp_path):
+    """A failed write (nothing renamed into place) yields None, so nothing enters the memo."""
+    final = tmp_path / "data.bin"
+    temp_dir = tmp_path / ".data.bin.x"
+    temp_dir.mkdir()
+    hasher = write_digest.start(final)
+    try:
+        with open(temp_dir / "data.bin", "wb") as f:
+            f.write(b"x" * 100)
+            f.flush()
+            hasher.written(f, 0, 100)
+    finally:
+        write_digest.stop(final)
+    assert hasher.finish() is None

@@ -97,11 +97,13 @@ class OrderedHasher:
             if self._pos < st.st_size:  # ranges nobody reported (holes, other writers): in order now
                 self._hash(self._pos, st.st_size)
             final = os.stat(self.final)
-            if (final.st_dev, final.st_ino, final.st_size) != (st.st_dev, st.st_ino, self._pos):
-                return None
-            return self._sha.hexdigest()
+        except OSError:  # e.g. the write failed (disk full) and nothing was renamed into place
+            return None
         finally:
             os.close(self._fd)
+        if (final.st_dev, final.st_ino, final.st_size) != (st.st_dev, st.st_ino, self._pos):
+            return None
+        return self._sha.hexdigest()
 
 
 def start(final: Path) -> OrderedHasher:
