@@ -49,7 +49,7 @@ def float64_expectations(ctx: CheckContext, stage: str, *, greedy: bool) -> Expe
     """Run the float64 reference (streamed: one module's weights at a time) once over every
     case, before the candidate loads."""
     ctx.progress(f"{stage}: float64 reference")
-    with make_runner(ctx.root, "torch", dtype="float64", streamed=True) as reference:
+    with make_runner(ctx.root, "torch", dtype="float64", streamed=True, isolated=ctx.isolate) as reference:
         layout = reference.layout
         cases = build_cases(layout, long=ctx.options.get("long", 64))
         runs = Materialized(reference, layout)
@@ -79,7 +79,7 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
     layout, cases, expected, prompt = (
         expectations.layout, expectations.cases, expectations.outputs, expectations.prompt)
     ctx.progress(f"{stage}: torch float32 greedy ({GREEDY_TOKENS} tokens)")
-    with make_runner(ctx.root, "torch", dtype="float32", streamed=True) as torch32:
+    with make_runner(ctx.root, "torch", dtype="float32", streamed=True, isolated=ctx.isolate) as torch32:
         torch_tokens = greedy_tokens(torch32, layout, prompt)
     del torch32
     gc.collect()
