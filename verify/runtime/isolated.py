@@ -54,9 +54,12 @@ def child_main(fd: int) -> None:
     global _CONN
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this process
     _CONN = Connection(fd)
-    sys.path[:] = _CONN.recv()  # functions of the parent's modules (tests/ too) import the same here
+    sys.path[:], threads = _CONN.recv()  # the parent's modules (tests/ too) import the same here
+    import torch
     from transformers.utils import logging
 
+    if threads:  # torch as the parent runs it, so isolated and in-process results are the same numbers
+        torch.set_num_threads(threads)
     logging.disable_progress_bar()  # progress goes through `progress`, as in verify's own process
     _serve(_CONN)
 
@@ -96,7 +99,8 @@ class TorchChild:
         self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()])
         theirs.close()  # so a dead child reads as EOF here
         self._conn = ours
-        ours.send(list(sys.path))
+        torch = sys.modules.get("torch")  # only if already imported: never import it here
+        ours.send((list(sys.path), torch.get_num_threads() if torch is not None else None))
         return self
 
     def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
