@@ -137,3 +137,29 @@ def _prefill(layout):
 
     ids = np.array([[1, 2, 3]], np.int64)
     return Case("p", ids, np.ones_like(ids), np.arange(3, dtype=np.int64)[None]).feed(layout)
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_call_ends_the_child_at_once():
+    """Ctrl-C in the parent (here: an alarm) while the child computes: the child is killed,
+    not waited for (it ignores SIGINT and may be busy for minutes)."""
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Stop):
+            with TorchChild("a long sleep") as child:
+                process = child._process
+                signal.alarm(5)  # after the child's torch import, during the sleep
+                child.call(time.sleep, 300)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert process.poll() is not None and time.monotonic() - started < 60

@@ -92,6 +92,7 @@ class TorchChild:
         self.progress = progress or (lambda message: None)
         self._process: Any = None
         self._conn: Any = None
+        self.broken = False  # a call ended without its reply (child died, or Ctrl-C in the parent)
 
     def __enter__(self) -> "TorchChild":
         ours, theirs = Pipe()
@@ -115,7 +116,11 @@ class TorchChild:
                 else:
                     break
         except (EOFError, OSError):
+            self.broken = True
             raise self._died() from None
+        except BaseException:  # interrupted while waiting: the reply will never be read
+            self.broken = True
+            raise
         exc, trace = rest
         if not getattr(exc, "__notes__", None):  # shown with a traceback (errors outside exportline's)
             exc.add_note(f"raised in the torch child process ({self.what}):\n{trace.rstrip()}")
@@ -137,6 +142,8 @@ class TorchChild:
                                 "EXPORTLINE_VERIFY_ISOLATE=0 runs it inside verify's own process")
 
     def __exit__(self, *exc: Any) -> None:
+        if (self.broken or (exc and exc[0] is not None)) and self._process is not None:
+            self._process.kill()  # mid-call or failing: it may be busy for minutes, and nobody waits for it
         if self._conn is not None:
             try:
                 self._conn.send(None)
@@ -196,8 +203,8 @@ class IsolatedRunner(Runner):
         child = TorchChild(f"the {self.backend} runner ({self.options.get('dtype', 'default dtype')})").__enter__()
         try:
             mirrored = child.call(_open, self.backend, self.root, self.options)
-        except BaseException:
-            child.__exit__()
+        except BaseException as exc:
+            child.__exit__(type(exc), exc, None)
             raise
         self._child = child
         for key, value in mirrored.items():
@@ -209,6 +216,7 @@ class IsolatedRunner(Runner):
     def deactivate_impl(self) -> None:
         child, self._child = self._child, None
         try:
-            child.call(_close)
+            if not child.broken:
+                child.call(_close)
         finally:
             child.__exit__()
