@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -49,7 +49,11 @@ def sample(command: list[str], interval: float = 0.02) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(command)
     peak_sum, peak_at, per_process = 0, 0.0, {}
-    while proc.poll() is None:
+    while True:
+        done, status, usage = os.wait4(proc.pid, os.WNOHANG)  # this command's own rusage, not all children's
+        if done:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            break
         total = 0
         for pid in tree(proc.pid):
             kib, name = rss_kib(pid)
@@ -60,7 +64,6 @@ def sample(command: list[str], interval: float = 0.02) -> dict:
             peak_sum, peak_at = total, time.perf_counter() - start
         time.sleep(interval)
     wall = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "command": command, "exit": proc.returncode, "wall_s": round(wall, 2),
         "peak_tree_rss_gib": round(peak_sum / 2**20, 3), "peak_at_s": round(peak_at, 2),
