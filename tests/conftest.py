@@ -20,11 +20,18 @@ _HUB_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HOME", "HF_
 # Hub cache, token or endpoint, and nothing a test does lands in ~/.cache/huggingface.
 for _name in _HUB_ENV:
     os.environ.pop(_name, None)
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="exportline-tests-hf-home-")
+_HF_HOME = tempfile.mkdtemp(prefix="exportline-tests-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 from deploy_bundle import build_bundle, exportline_cmd  # noqa: E402 (after the environment is isolated)
 from hub_server import HubServer, HubState  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    # Every pytest process that imports this file (each xdist worker too) made its own
+    # HF_HOME above; nothing reads it once the session is over, and /tmp is shared.
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
 @dataclass

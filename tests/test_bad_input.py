@@ -129,13 +129,17 @@ def _full_disk_save_file(tensors, filename, metadata=None):
 
 
 class _FullDiskFile:
-    """A file on a full disk: the first KiB goes in, then write raises ENOSPC as the OS does."""
+    """A file on a full disk: the first KiB goes in, then write raises ENOSPC as the OS does.
+    Only files named `full` (others are written normally)."""
+
+    full = ""
 
     def __init__(self, path, mode):
         self.f = open(path, mode)
+        self.limit = 1024 if Path(path).name == self.full else float("inf")
 
     def write(self, data):
-        if self.f.tell() + len(memoryview(data).cast("B")) > 1024:
+        if self.f.tell() + len(memoryview(data).cast("B")) > self.limit:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
         return self.f.write(data)
 
@@ -146,22 +150,33 @@ class _FullDiskFile:
         self.f.close()
 
 
-@pytest.mark.parametrize("writer", ["streamed", "save_file"])
-def test_disk_full_while_writing_weights(tmp_path, monkeypatch, writer):
-    """The model's weights stream through hf_writer's own writes; the training state goes
-    through safetensors' save_file, whose Rust error is turned back into ENOSPC."""
-    import safetensors.torch
-
+@pytest.mark.parametrize("full", ["model.safetensors", "state.safetensors"])
+def test_disk_full_while_writing_weights(tmp_path, monkeypatch, full):
+    """The model's weights and the training state (--with-training-state) both stream
+    through hf_writer's own writes; the disk fills up in one or the other."""
     from exportline.exporters.sources import hf_writer
 
-    if writer == "streamed":
-        monkeypatch.setattr(hf_writer, "open", _FullDiskFile, raising=False)
-    else:
-        monkeypatch.setattr(safetensors.torch, "save_file", _full_disk_save_file)
+    monkeypatch.setattr(_FullDiskFile, "full", full)
+    monkeypatch.setattr(hf_writer, "open", _FullDiskFile, raising=False)
     save_nanogpt(tmp_path / "ckpt.pt", nanogpt_args())
-    code, err = _export(tmp_path / "ckpt.pt", tmp_path / "out", *(["--with-training-state"] if writer == "save_file" else []))
-    assert code != 0 and "the disk is full" in error_line(err)
+    code, err = _export(tmp_path / "ckpt.pt", tmp_path / "out", "--with-training-state")
+    line = error_line(err)
+    assert code != 0 and "the disk is full" in line and full in line, line
     _nothing_trusted(tmp_path / "out")
+    assert not (tmp_path / "out" / "training").exists()
+
+
+def test_disk_full_in_safetensors_save_file_is_an_oserror(tmp_path, monkeypatch):
+    """Whole state dicts (a custom module's) go through save_file, whose Rust error for a
+    full disk is turned back into ENOSPC, which the pipeline reports as a full disk."""
+    import safetensors.torch
+
+    from exportline.exporters.sources.hf_writer import save_safetensors
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk_save_file)
+    with pytest.raises(OSError) as info:
+        save_safetensors({"w": torch.zeros(600)}, tmp_path / "model.safetensors")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "model.safetensors")
 
 
 def test_disk_full_on_a_forced_rerun_keeps_the_previous_bundle_intact(tmp_path, monkeypatch):

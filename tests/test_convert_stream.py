@@ -9,7 +9,8 @@ a few of its largest tensors. Checkpoints are written the way upstream writes th
 (nanoGPT train.py's torch.save with the optimizer; llama2.c export.py's v0 and v2 files).
 
 The files themselves are byte for byte what safetensors' save_file writes from the whole
-state dict (the writer lays them out in its order), sharded or not.
+state dict (the writer lays them out in its order), sharded or not. nanoGPT's training
+state (--with-training-state: AdamW's moments, twice the weights) streams the same way.
 """
 
 from __future__ import annotations
@@ -186,3 +187,90 @@ def test_converted_weights_are_the_checkpoints(tmp_path, kind):
     assert set(got) == set(want) | zero_biases and (len(zero_biases) > 3) == (kind == "nanogpt")
     assert all(torch.equal(got[k], want[k].float()) for k in want)
     assert all(not got[k].any() for k in zero_biases)
+
+
+# -- the training state (--with-training-state) streams the same way --------------------------------
+def _write_training(ckpt, dest) -> int:
+    dest.mkdir()
+    source = resolve_source(str(ckpt))
+    return _held_by(lambda: source.write_hf(dest, lambda msg: None, training_state=True))
+
+
+def _sizes(path) -> list[int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return [b - a for k, v in header.items() if k != "__metadata__" for a, b in [v["data_offsets"]]]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="not available: the peak-RSS reset is Linux /proc")
+def test_nanogpt_training_state_is_written_a_few_tensors_at_a_time(tmp_path):
+    # The same checkpoints as above: AdamW's exp_avg and exp_avg_sq are 2x the weights, so
+    # writing them whole (as save_file does) would hold ~110 MiB at 8 layers.
+    ckpts = {}
+    for layers in (2, 8):
+        ckpts[layers] = tmp_path / f"ckpt{layers}.pt"
+        save_nanogpt(ckpts[layers], nanogpt_args(n_layer=layers, n_embd=384, n_head=6, vocab_size=256, block_size=64))
+    _write_training(ckpts[2], tmp_path / "warm-up")
+    held = {layers: _write_training(ckpts[layers], tmp_path / f"hf{layers}") for layers in (2, 8)}
+    _check_depth_independent(held, {k: tmp_path / f"hf{k}" for k in held})
+    state = {k: _sizes(tmp_path / f"hf{k}" / "training" / "state.safetensors") for k in held}
+    assert max(state[8]) == max(state[2]) and sum(state[8]) > 2 * _largest(tmp_path / "hf8")[1]  # the moments
+    assert held[8] < sum(state[8]) / 8, (held, sum(state[8]))
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_file_of_training_state(ckpt, path) -> None:
+    """What --with-training-state wrote before it streamed: every non-weight tensor of the
+    checkpoint, read whole, through safetensors' save_file."""
+    from safetensors.torch import save_file
+
+    from exportline.exporters.sources.nanogpt.training import encode
+
+    tensors: dict = {}
+    for key, value in torch.load(ckpt, weights_only=True).items():
+        if key != "model":
+            encode(value, tensors, key)
+    save_file({k: t.clone() for k, t in tensors.items()}, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["train.py", "with-extra-dtypes"])
+def test_training_state_file_is_save_files_bytes(tmp_path, extras):
+    from nanogpt_train import make_run
+
+    run = make_run(tmp_path / "nanoGPT", bias=False, compiled=False)
+    if extras:  # entries forks of train.py add (RNG state, token counters): several dtypes to lay out
+        ckpt = torch.load(run.ckpt, weights_only=True)
+        ckpt.update(rng_state=torch.get_rng_state(), tokens_seen=torch.tensor(123456, dtype=torch.int64),
+                    ema_decay=torch.tensor(0.999, dtype=torch.float64), loss_scale=torch.tensor(2.0**16).to(torch.bfloat16),
+                    grad_norms=torch.rand(5).to(torch.float16), empty=torch.zeros(0, 3))
+        torch.save(ckpt, run.ckpt)
+    (tmp_path / "hf").mkdir()
+    resolve_source(str(run.ckpt)).write_hf(tmp_path / "hf", lambda msg: None, training_state=True)
+    _save_file_of_training_state(run.ckpt, tmp_path / "whole.safetensors")
+    assert _sha256(tmp_path / "hf" / "training" / "state.safetensors") == _sha256(tmp_path / "whole.safetensors")
+    assert len(_sizes(tmp_path / "whole.safetensors")) > 8
+
+
+def test_streamed_file_is_save_files_bytes_for_every_dtype(tmp_path):
+    """write_safetensors_streamed lays every dtype out where save_file does (its Rust writer
+    orders by its own dtype enum, e.g. BF16 before F16 and I64 before F64, then by name)."""
+    from safetensors.torch import save_file
+
+    from exportline.exporters.sources.hf_writer import _SAFETENSORS_DTYPES, write_safetensors_streamed
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i, dtype in enumerate(getattr(torch, name) for name in _SAFETENSORS_DTYPES if hasattr(torch, name)):
+        for name in (f"a{i}", f"z{i}"):  # names interleave across dtypes: only the dtype order separates them
+            state[name] = torch.randint(0, 2, (3, 2), generator=g).to(dtype)
+    state.update({"scalar": torch.tensor(1.5), "empty": torch.zeros(0), "ünïcode": torch.ones(2)})
+    save_file(state, tmp_path / "whole.safetensors", metadata={"format": "pt"})
+    plan = [(k, tuple(t.shape), t.dtype) for k, t in state.items()]
+    write_safetensors_streamed(plan, lambda names: ((n, state[n].clone()) for n in names), tmp_path / "streamed.safetensors")
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()

@@ -67,21 +67,15 @@ class KVLayout:
             TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
             TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
         ]
-        for i in range(self.num_layers):
-            for kind in ("key", "value"):
-                specs.append(
-                    TensorSpec(f"past_key_values.{i}.{kind}", "float", (BATCH, self.num_kv_heads, PAST, self.head_dim))
-                )
-        return specs
+        return specs + self._kv_specs("past_key_values", PAST)
 
     def outputs(self) -> list[TensorSpec]:
-        specs = [TensorSpec("logits", "float", (BATCH, SEQUENCE, self.vocab_size))]
-        for i in range(self.num_layers):
-            for kind in ("key", "value"):
-                specs.append(
-                    TensorSpec(f"present.{i}.{kind}", "float", (BATCH, self.num_kv_heads, TOTAL, self.head_dim))
-                )
-        return specs
+        return [TensorSpec("logits", "float", (BATCH, SEQUENCE, self.vocab_size)), *self._kv_specs("present", TOTAL)]
+
+    def _kv_specs(self, prefix: str, length: str) -> list[TensorSpec]:
+        """`prefix`.{layer}.key / .value for every layer, `length` positions long."""
+        return [TensorSpec(f"{prefix}.{i}.{kind}", "float", (BATCH, self.num_kv_heads, length, self.head_dim))
+                for i in range(self.num_layers) for kind in ("key", "value")]
 
     def past_names(self) -> list[str]:
         return [s.name for s in self.inputs() if s.name.startswith("past_key_values.")]

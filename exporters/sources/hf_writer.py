@@ -4,13 +4,15 @@ config) and reading back its config and tensors without building a model.
 Every source's `write_hf` ends here, so the folder layout (DESIGN.md §2) and the handling
 of a full disk are decided once. Weights are written as they are made, one tensor held at
 a time: a preset's random init (write_hf_stream) and the nanoGPT / llama2.c conversions
-(write_hf_converted, byte for byte save_file's layout). write_hf_weights takes a whole
-state dict, for sources that have one anyway (an nn.Module of the user's, a training state).
+(write_hf_converted, byte for byte save_file's layout) and nanoGPT's optimizer state
+(write_safetensors_streamed). write_hf_weights takes a whole state dict, for sources that
+have one anyway (an nn.Module of the user's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,7 +52,41 @@ def write_hf_weights(state: dict, dest: Path, *, max_shard_bytes: int = SHARD_BY
     return files + ["model.safetensors.index.json"]
 
 
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64"}
+# torch dtype name → safetensors dtype, as safetensors.torch names them.
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "complex64": "C64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32",
+    "uint16": "U16", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+
+
+def safetensors_dtype(dtype) -> str | None:
+    """The safetensors name of a torch dtype, None when safetensors cannot store it."""
+    return _SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+
+
+@functools.cache
+def _save_file_rank() -> dict[str, int]:
+    """Where each dtype goes in save_file's layout: its Rust writer sorts by dtype (widest
+    first, in the order of its own enum, e.g. BF16 before F16 and I64 before F64) and then
+    by name. The order is read off the library itself, so a new safetensors cannot make the
+    streamed files differ from its own."""
+    import torch
+    from safetensors.torch import save
+
+    probe = {name: torch.zeros(1, dtype=getattr(torch, dtype)) for dtype, name in _SAFETENSORS_DTYPES.items()
+             if hasattr(torch, dtype)}
+    data = save(probe)
+    (n,) = struct.unpack("<Q", data[:8])
+    order = [k for k in json.loads(data[8:8 + n]) if k != "__metadata__"]
+    return {name: i for i, name in enumerate(order)}
+
+
+def save_file_order(entry: tuple) -> tuple[int, str]:
+    """The sort key of a (name, shape, torch dtype) entry in save_file's layout."""
+    name, _, dtype = entry
+    return _save_file_rank()[safetensors_dtype(dtype)], name
 
 
 def plan_shards(plan: list[tuple[str, tuple[int, ...], Any]], max_shard_bytes: int) -> list[list[tuple]]:
@@ -78,10 +114,10 @@ def _header(entries: list[tuple]) -> bytes:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for entry in entries:
         name, shape, dtype = entry
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
+        header[name] = {"dtype": safetensors_dtype(dtype), "shape": list(shape),
                         "data_offsets": [offset, offset + _nbytes(entry)]}
         offset += _nbytes(entry)
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # serde_json keeps UTF-8
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
@@ -108,25 +144,28 @@ def write_hf_converted(plan: list[tuple], tensors: Callable[[list[str]], Iterato
 def save_file_layout(plan: list[tuple], max_shard_bytes: int = SHARD_BYTES) -> list[list[tuple]]:
     """The shards write_hf_weights makes of a state dict in `plan` order (grouped in that
     order), each in the order safetensors' save_file lays tensors out: larger dtypes first,
-    then by name (its Rust `prepare` sorts so; tests/test_hf_stream.py checks the bytes)."""
-    return [sorted(shard, key=lambda e: (-e[2].itemsize, e[0])) for shard in plan_shards(plan, max_shard_bytes)]
+    then by name (its Rust `prepare` sorts so; tests/test_convert_stream.py checks the bytes)."""
+    return [sorted(shard, key=save_file_order) for shard in plan_shards(plan, max_shard_bytes)]
+
+
+def write_safetensors_streamed(plan: list[tuple], tensors: Callable[[list[str]], Iterator[tuple[str, Any]]],
+                               path: Path) -> None:
+    """One safetensors file, byte for byte what save_file writes from the whole dict `plan`
+    describes (one file at any size, metadata format=pt), with `tensors(names)` yielding the
+    tensors in the order asked, so one exists at a time (a training state is 2x the weights)."""
+    entries = sorted(plan, key=save_file_order)
+    stream = tensors([e[0] for e in entries])
+    _write_file(path, entries, stream)
+    if next(stream, None) is not None:
+        raise StageError("hf: more tensors than the plan lists; this is a bug")
 
 
 def _write_shards(shards: list[list[tuple]], tensors: Iterator[tuple[str, Any]], dest: Path, *,
                   plan: list[tuple]) -> list[str]:
-    import torch
-
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for fname, entries in zip(names, shards):
-        with open(dest / fname, "wb") as f:
-            f.write(_header(entries))
-            for name, shape, dtype in entries:
-                got, tensor = next(tensors)
-                if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                    raise StageError(f"hf: tensor {got} {list(tensor.shape)} does not follow the plan ({name}); this is a bug")
-                f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
-                del tensor
+        _write_file(dest / fname, entries, tensors)
     if next(tensors, None) is not None:
         raise StageError("hf: more tensors than the plan lists; this is a bug")
     if len(shards) == 1:
@@ -136,6 +175,21 @@ def _write_shards(shards: list[list[tuple]], tensors: Iterator[tuple[str, Any]],
              "weight_map": {e[0]: shard_of[e[0]] for e in plan}}  # plan order, as write_hf_weights writes it
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names + ["model.safetensors.index.json"]
+
+
+def _write_file(path: Path, entries: list[tuple], tensors: Iterator[tuple[str, Any]]) -> None:
+    """The header of `entries`, then each tensor's bytes as `tensors` yields it, in that order."""
+    import torch
+
+    with open(path, "wb") as f:
+        f.write(_header(entries))
+        for name, shape, dtype in entries:
+            got, tensor = next(tensors)
+            if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise StageError(f"hf: tensor {got} {list(tensor.shape)} does not follow the plan ({name}); this is a bug")
+            if tensor.numel():  # numpy cannot view an empty tensor's bytes; there are none to write
+                f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+            del tensor
 
 
 def save_safetensors(state: dict, path: Path) -> None:

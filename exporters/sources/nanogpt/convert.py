@@ -350,7 +350,8 @@ class NanoGPTSource(CheckpointSource):
             from exportline.exporters.sources.nanogpt.training import write_training_state
 
             progress("hf: storing the training state (optimizer, iter_num, best_val_loss, config) in training/")
-            training = write_training_state(ckpt.extra, list(ckpt.keys), dest, config=record["config"])
+            training = write_training_state(ckpt.extra, list(ckpt.keys), dest, config=record["config"],
+                                            mapped=ckpt.mapped)
             ckpt.extra = None
         config = hf_config(record["model_args"], record)
         tok_info = self.write_checked_tokenizer(dest, model_max_length=config.n_positions, vocab_size=config.vocab_size)

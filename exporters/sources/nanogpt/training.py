@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from exportline.exporters.core.errors import ArtifactError, SourceError
+from exportline.exporters.sources.mapped_file import Ranges, release_pages
 
 TRAINING_DIR = "training"  # inside the bundle; no inference handoff (Triton, torch.hub) reads it
 TENSORS = "state.safetensors"
@@ -66,32 +67,38 @@ def decode(node: Any, tensors: dict) -> Any:
 
 
 # -- writing and reading training/ -----------------------------------------------------------------
-def write_training_state(extra: dict[str, Any], keys: list[str], dest: Path, *, config: dict | None) -> dict[str, Any]:
+def write_training_state(extra: dict[str, Any], keys: list[str], dest: Path, *, config: dict | None,
+                         mapped: Ranges = ()) -> dict[str, Any]:
     """training/state.safetensors + state.json for the checkpoint's non-weight entries
-    (`extra`, in the file's key order `keys`); `config` is the secret-free copy of its config."""
-    from exportline.exporters.sources.hf_writer import save_safetensors
+    (`extra`, in the file's key order `keys`); `config` is the secret-free copy of its config.
+
+    The tensors are written one at a time, in save_file's layout (the file is byte for byte
+    what save_file writes from all of them): with a memory-mapped checkpoint, `mapped` its
+    ranges, each tensor's pages are dropped once written, so AdamW's two moments (twice the
+    weights) are never resident together."""
+    from exportline.exporters.sources.hf_writer import safetensors_dtype, write_safetensors_streamed
 
     extra = {**extra, **({"config": config} if "config" in extra else {})}
     tensors: dict = {}
     tree = {k: encode(v, tensors, k) for k, v in extra.items()}
+    for name, t in tensors.items():
+        if safetensors_dtype(t.dtype) is None:
+            raise SourceError(f"training state {name}: dtype {str(t.dtype).removeprefix('torch.')} cannot be stored "
+                              "in safetensors; export without --with-training-state")
     folder = dest / TRAINING_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(_unshared(tensors), folder / TENSORS)
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    write_safetensors_streamed(plan, lambda names: _one_at_a_time(tensors, names, mapped), folder / TENSORS)
     (folder / TREE).write_text(json.dumps({"format": FORMAT, "keys": keys, "tree": tree}, indent=1) + "\n")
     return {"stored": [k for k in keys if k in extra], "tensors": len(tensors),
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
 
-def _unshared(tensors: dict) -> dict:
-    """Contiguous tensors, none sharing storage with another (safetensors refuses aliases)."""
-    seen, out = set(), {}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
+def _one_at_a_time(tensors: dict, names: list[str], mapped: Ranges) -> Iterator[tuple[str, Any]]:
+    for name in names:
+        t = tensors[name]
+        yield name, t.detach()
+        release_pages(mapped, t)  # the writer is done with it
 
 
 def read_training_state(folder: Path) -> tuple[list[str], dict[str, Any]] | None:
