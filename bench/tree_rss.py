@@ -67,7 +67,8 @@ def sample(command: list[str], interval: float = 0.02) -> dict:
     return {
         "command": command, "exit": proc.returncode, "wall_s": round(wall, 2),
         "peak_tree_rss_gib": round(peak_sum / 2**20, 3), "peak_at_s": round(peak_at, 2),
-        "ru_maxrss_gib": round(usage.ru_maxrss / 2**20, 3),  # the largest single process (what time -v says)
+        # the largest single process (what time -v says); started from a large process, at least that one's peak
+        "ru_maxrss_gib": round(usage.ru_maxrss / 2**20, 3),
         "processes": [{"pid": pid, "name": name, "peak_rss_gib": round(kib / 2**20, 3)}
                       for pid, (kib, name) in sorted(per_process.items())],
     }

@@ -20,5 +20,8 @@ def test_the_tree_sum_sees_a_parent_and_child_holding_memory_at_once():
     result = sample([sys.executable, "-c", parent], interval=0.02)
     assert result["exit"] == 0
     assert result["peak_tree_rss_gib"] * 1024 >= 340
-    assert 195 <= result["ru_maxrss_gib"] * 1024 < 300
-    assert len(result["processes"]) == 2
+    peaks = sorted(p["peak_rss_gib"] * 1024 for p in result["processes"])
+    assert len(peaks) == 2 and 145 <= peaks[0] < 195 and 195 <= peaks[1] < 300  # each process alone
+    # ru_maxrss is a lower bound only: a child started from a large process (pytest, here)
+    # inherits that process's high-water mark at exec
+    assert result["ru_maxrss_gib"] * 1024 >= 195
