@@ -75,7 +75,8 @@ def wants_isolation(manifest: dict) -> bool:
 
     A child costs a torch import (~2.5 s on a 2-core machine) and saves what torch holds for
     good (~0.36 GiB), which matters only beside an ORT session of gigabytes; a process that
-    already imported torch (export with verify) saves nothing by isolating."""
+    already imported torch (export with verify) saves nothing by isolating. 1b, hf+onnx:
+    isolated 3.89 GiB peak summed over the process tree vs 4.21 GiB in one process (same code)."""
     value = os.environ.get(ISOLATE_ENV, "auto").strip().lower()
     if value not in ("1", "0", "auto"):
         raise ConfigError(f"{ISOLATE_ENV}={value!r}: use 1 (torch in child processes), 0 (in this process) or auto")
