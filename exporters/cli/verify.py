@@ -27,9 +27,14 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sampler.")]
 
 def verify(bundle: BundleArg, stage: StageOpt = None, long: LongOpt = 64) -> None:
     """Re-run every check the bundle's manifest records; write reports/verify.json + verify.md."""
+    import os
+
     from exportline.verify.suite import verify_bundle
 
-    _quiet_transformers()
+    # no tqdm bars from transformers (progress goes to stderr through err.print); the
+    # variable, not transformers' own switch, so the torch child processes of an isolated
+    # verify inherit it and this process need not import transformers (verify never downloads)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     report = verify_bundle(bundle, stages=stage, options={"long": long}, progress=err.print)
     typer.echo(report.summary())
     typer.echo(f"report: {bundle / 'reports' / 'verify.md'}")

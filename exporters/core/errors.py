@@ -59,6 +59,10 @@ class VerificationFailed(ExportlineError):
     exit_code = 2
 
 
+class ChildProcessDied(ExportlineError):
+    """A helper process exportline started (verify's torch side) ended without answering."""
+
+
 class HubError(ExportlineError):
     """Talking to the Hugging Face Hub failed."""
 

@@ -23,7 +23,7 @@ import numpy as np
 from exportline.exporters.core.bundle import sha256_file
 from exportline.exporters.core.errors import NotAvailable
 from exportline.exporters.sources.custom.model import bundle_io, load_bundle_module, run_module
-from exportline.verify.checks.context import CheckContext
+from exportline.verify.checks.context import CheckContext, torch_side
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
 from exportline.verify.runtime.backends import make_runner
 
@@ -82,7 +82,7 @@ def _rows(stage, case, *, out, ref, bounds_of) -> list[CheckRow]:
 
 def check_graph(ctx: CheckContext, *, stage: str, backend: str, bounds_of) -> StageReport:
     candidate = make_runner(ctx.root, backend)
-    io, expected = reference_outputs(ctx, stage)
+    io, expected = torch_side(ctx, f"the {stage} reference", reference_outputs, stage)
     rows: list[CheckRow] = []
     with candidate:
         for name, feed, ref in expected:

@@ -6,7 +6,9 @@ the fp32 thresholds; plus greedy decoding that must be token-identical to HF tor
 The float64 reference and torch fp32 run streamed (verify/runtime/streamed.py: each
 module's weights are read from the bundle's safetensors as it runs), so neither holds a
 whole model (1b: 1.7 GiB peak RSS in these phases, measured). They run first and
-are freed before the ORT session opens, so the session is the largest thing held.
+are freed before the ORT session opens, so the session is the largest thing held; with
+`ctx.isolate` they run in child processes that have exited by then, and the reference data
+waits on disk while the session runs (verify/spill.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from exportline.verify.generate import Sampling, generate
 from exportline.verify.report import CheckRow, StageReport, judge, tensor_row
 from exportline.verify.runtime.backends import make_runner
 from exportline.verify.runtime.base import Runner
+from exportline.verify.spill import Spill
 
 STAGE = "onnx"
 GREEDY_TOKENS = 32
@@ -49,7 +52,7 @@ def float64_expectations(ctx: CheckContext, stage: str, *, greedy: bool) -> Expe
     """Run the float64 reference (streamed: one module's weights at a time) once over every
     case, before the candidate loads."""
     ctx.progress(f"{stage}: float64 reference")
-    with make_runner(ctx.root, "torch", dtype="float64", streamed=True) as reference:
+    with make_runner(ctx.root, "torch", dtype="float64", streamed=True, isolated=ctx.isolate) as reference:
         layout = reference.layout
         cases = build_cases(layout, long=ctx.options.get("long", 64))
         runs = Materialized(reference, layout)
@@ -79,17 +82,25 @@ def check_graph(ctx: CheckContext, *, backend: str, stage: str, bounds: dict, gr
     layout, cases, expected, prompt = (
         expectations.layout, expectations.cases, expectations.outputs, expectations.prompt)
     ctx.progress(f"{stage}: torch float32 greedy ({GREEDY_TOKENS} tokens)")
-    with make_runner(ctx.root, "torch", dtype="float32", streamed=True) as torch32:
+    with make_runner(ctx.root, "torch", dtype="float32", streamed=True, isolated=ctx.isolate) as torch32:
         torch_tokens = greedy_tokens(torch32, layout, prompt)
     del torch32
     gc.collect()
 
-    ctx.progress(f"{stage}: {backend} over {len(cases)} cases")
-    rows: list[CheckRow] = []
-    with candidate:
-        for case, feed, ref in expected:
-            rows += compare_case(stage, case, candidate.infer(feed), ref=ref, bounds=bounds)
-        graph_tokens = greedy_tokens(candidate, layout, prompt)
+    # The graph's session is the largest thing verify holds (1b: ~3.85 GiB): the reference's
+    # feeds and outputs wait on disk, the graph's outputs go there, and the comparisons (with
+    # their float64 temporaries) run once the session is closed. Same numbers, in another order.
+    with Spill() as spill:
+        parked = [(case, spill.put(feed), spill.put(ref)) for case, feed, ref in expected]
+        del expected
+        expectations.outputs = []
+        ctx.progress(f"{stage}: {backend} over {len(cases)} cases")
+        with candidate:
+            got = [spill.put(candidate.infer(spill.get(feed))) for _, feed, _ in parked]
+            graph_tokens = greedy_tokens(candidate, layout, prompt)
+        rows: list[CheckRow] = []
+        for (case, _, ref), out in zip(parked, got):
+            rows += compare_case(stage, case, spill.get(out), ref=spill.get(ref), bounds=bounds)
     rows.append(greedy_row(stage, torch_tokens, graph_tokens, required=greedy_required))
     return StageReport.from_rows(
         stage, rows, expectations.described,

@@ -31,7 +31,7 @@ from exportline.exporters.precision.calibration import (
     spread,
 )
 from exportline.verify.cases import Case, output_mask
-from exportline.verify.checks.context import CheckContext
+from exportline.verify.checks.context import CheckContext, torch_side
 from exportline.verify.checks.onnx import compare_case, float64_expectations, greedy_row, greedy_tokens
 from exportline.verify.metrics import LogitAgreement
 from exportline.verify.report import CheckRow, StageReport, judge
@@ -103,7 +103,7 @@ def _fp16_rows(case: Case, out: dict[str, np.ndarray], ref: dict[str, np.ndarray
 # -- int8 ---------------------------------------------------------------------------------------
 def check_int8(ctx: CheckContext) -> StageReport:
     try:
-        heldout, text, layout = _heldout(ctx)
+        heldout, text, layout = torch_side(ctx, "the int8 held-out text", _heldout)  # transformers' tokenizer imports torch
     except ConfigError as exc:
         return StageReport("int8", "failed", reason=str(exc))
     scored: dict[str, dict[str, Any]] = {}

@@ -33,8 +33,14 @@ class Backend:
     bench_options: Callable[[str, int], dict[str, Any]]  # (device, threads) → runner options for a benchmark
 
 
-def _torch(root: Path, **options: Any) -> Runner:
+def _torch(root: Path, *, isolated: bool = False, **options: Any) -> Runner:
+    """`isolated`: the runner lives in a child process (verify/runtime/isolated.py), so this
+    process never imports torch."""
     Bundle(root).require_intact(hf_files(root), fast=True)
+    if isolated:
+        from exportline.verify.runtime.isolated import IsolatedRunner
+
+        return IsolatedRunner(root, "torch", **options)
     return TorchRunner(root, **options)
 
 
