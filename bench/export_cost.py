@@ -47,19 +47,20 @@ def _source(preset: str, overrides: list[str]):
     return resolve_source(preset, parse_overrides(overrides))
 
 
-def _run_child(preset: str, stage: str, out: Path, *, overrides: list[str], force: bool):
+def _run_child(preset: str, stage: str, out: Path, *, overrides: list[str], force: bool, env: dict | None = None):
     """Run one stage in a fresh interpreter; returns its record, wall time and rusage.
 
     The parent stays a small process: a child's ru_maxrss starts from the RSS of the
     process it was forked from (Linux keeps the high-water mark across exec), so running
-    the hf stage here first would inflate the figure of the stage measured next.
+    the hf stage here first would inflate the figure of the stage measured next. `env`:
+    the child's environment (default: this one's), e.g. another EXPORTLINE_CACHE.
     """
     cmd = [sys.executable, "-m", "exportline.bench.export_cost", preset, "--stages", stage, "--out", str(out),
            "--child", "--force" if force else "--no-force"]
     for pair in overrides:
         cmd += ["--set", pair]
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     stdout = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's
     wall = time.perf_counter() - start

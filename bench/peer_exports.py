@@ -3,7 +3,9 @@ child process measured from outside: wall time (start-up and imports included, a
 waits for it) and peak RSS (the child's ru_maxrss from wait4; the kernel folds in the
 descendants it waited for, so a tool that forks workers is counted whole).
 
-- exportline: the onnx stage (fp32, KV cache), forced, through bench/export_cost.py's child;
+- exportline: the onnx stage (fp32, KV cache), forced, through bench/export_cost.py's child,
+              twice: cold (an empty graph cache: it traces) and warm (the cache the cold run
+              filled), two rows;
 - optimum:    `optimum-cli export onnx --model HF --task text-generation-with-past OUT`
               (its default post-processing and validation, as a user runs it), from the
               transformers-4.x venv it pins;
@@ -17,6 +19,7 @@ A peer that cannot run is "not available: <one line>", never a number.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +48,8 @@ class Export:
     graph: str = ""  # the fp32 model.onnx the latency runs time
     command: list[str] = field(default_factory=list)
     stage_wall_s: float | None = None  # exportline: the onnx stage alone (its pipeline record), without start-up
+    graph_cache: str = ""  # exportline: its record's graph cache status (stored = traced cold, hit = warm)
+    sha256: dict[str, str] = field(default_factory=dict)  # exportline: the manifest's digests of its files
 
     @property
     def total_bytes(self) -> int:
@@ -78,21 +83,65 @@ def _files(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def export_exportline(source: str, bundle: Path, *, overrides: list[str]) -> Export:
+def export_exportline(source: str, bundle: Path, *, overrides: list[str], env: dict | None = None,
+                      peer: str = "exportline") -> Export:
     """The onnx stage, forced, in a fresh interpreter (bench/export_cost.py's child); the
-    files are the ones its stage record lists, i.e. what manifest.json says it wrote."""
+    files are the ones its stage record lists, i.e. what manifest.json says it wrote.
+
+    Its source is the HF folder itself (the bundle root, which continues the export its hf
+    stage recorded), as the other peers are given it, not the preset name: a preset is
+    validated against transformers' config classes first, an import (torch with it) that is
+    no part of exporting a folder."""
     from exportline.bench.export_cost import _run_child
     from exportline.exporters.core.errors import ExportlineError
 
-    cmd = [sys.executable, "-m", "exportline.bench.export_cost", source, "--stages", "onnx", "--out", str(bundle)]
+    del source, overrides  # already applied by ensure_hf_folder: the folder is the source now
+    _remove_previous_outputs(bundle)
+    cmd = [sys.executable, "-m", "exportline.bench.export_cost", str(bundle), "--stages", "onnx", "--out", str(bundle)]
     try:
-        record, wall, usage = _run_child(source, "onnx", bundle, overrides=overrides, force=True)
+        record, wall, usage = _run_child(str(bundle), "onnx", bundle, overrides=[], force=True, env=env)
     except ExportlineError as exc:
-        return Export("exportline", "not available", f"onnx stage failed: {exc}", command=cmd)
+        return Export(peer, "not available", f"onnx stage failed: {exc}", command=cmd)
     files = {rel: (bundle / rel).stat().st_size for rel in record.get("outputs", [])}
-    return Export("exportline", "ok", wall_s=round(wall, 2), peak_rss_bytes=usage.ru_maxrss * 1024, files=files,
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    digests = {f["path"]: f["sha256"] for f in manifest.get("files", []) if f["path"] in files}
+    return Export(peer, "ok", wall_s=round(wall, 2), peak_rss_bytes=usage.ru_maxrss * 1024, files=files,
                   folder=str(bundle), graph=str(bundle / "onnx" / "model.onnx"), command=cmd,
-                  stage_wall_s=record.get("wall_s"))
+                  stage_wall_s=record.get("wall_s"), sha256=digests,
+                  graph_cache=str(record.get("info", {}).get("tracing", {}).get("graph_cache", "not recorded")))
+
+
+def _remove_previous_outputs(bundle: Path) -> None:
+    """The onnx stage's files of an earlier run, deleted before the timed run as the other
+    peers' output folders are: replacing a 4 GB file makes the kernel free its pages (2.4 s
+    at 1b here), a cost of the earlier run's leftovers, not of exporting."""
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file():
+        return
+    record = json.loads(manifest.read_text()).get("stages", {}).get("onnx") or {}
+    for rel in record.get("outputs", []):
+        (bundle / rel).unlink(missing_ok=True)
+
+
+WARM = "exportline-warm"  # the second exportline row: the same export with the graph cache the first filled
+
+
+def export_exportline_cold_warm(source: str, bundle: Path, *, overrides: list[str], cache: Path) -> tuple[Export, Export]:
+    """exportline twice: cold (an empty graph cache, so it traces) and warm (the cache the cold
+    run filled): two rows, so a warm figure is never read as a cold one. The cache folder is
+    `cache`, emptied before and removed after; the user's own cache is not touched."""
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    env = {**os.environ, "EXPORTLINE_CACHE": str(cache)}
+    env.pop("EXPORTLINE_GRAPH_CACHE", None)  # measure the cache as users get it
+    try:
+        cold = export_exportline(source, bundle, overrides=overrides, env=env)
+        if cold.status != "ok":
+            return cold, Export(WARM, "not available", "the cold export failed; nothing to reuse", command=cold.command)
+        warm = export_exportline(source, bundle, overrides=overrides, env=env, peer=WARM)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return cold, warm
 
 
 def _tool_command(peer: str, python: Path, hf: Path, *, out: Path, cache: Path) -> list[str]:

@@ -23,6 +23,10 @@ for _name in _HUB_ENV:
 _HF_HOME = tempfile.mkdtemp(prefix="exportline-tests-hf-home-")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# exportline's cache (graph cache, timing cache) for fixtures wider than one test; each test
+# gets its own below.
+_CACHE = tempfile.mkdtemp(prefix="exportline-tests-cache-")
+os.environ["EXPORTLINE_CACHE"] = _CACHE
 
 from deploy_bundle import build_bundle, exportline_cmd  # noqa: E402 (after the environment is isolated)
 from hub_server import HubServer, HubState  # noqa: E402
@@ -30,8 +34,9 @@ from hub_server import HubServer, HubState  # noqa: E402
 
 def pytest_unconfigure(config):
     # Every pytest process that imports this file (each xdist worker too) made its own
-    # HF_HOME above; nothing reads it once the session is over, and /tmp is shared.
+    # HF_HOME and EXPORTLINE_CACHE above; nothing reads it once the session is over, and /tmp is shared.
     shutil.rmtree(_HF_HOME, ignore_errors=True)
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @dataclass
@@ -55,6 +60,13 @@ class LocalHub:
         endpoint at import time, so a fresh process is the honest way to point it here)."""
         return subprocess.run([*exportline_cmd(), *args], env=self.env(token=env_token), capture_output=True,
                               text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _private_exportline_cache(tmp_path, monkeypatch):
+    """Each test its own $EXPORTLINE_CACHE (child processes inherit it): no test is served a
+    graph another test traced (tests that patch tracing must trace), nothing lands in ~/.cache."""
+    monkeypatch.setenv("EXPORTLINE_CACHE", str(tmp_path / "exportline-cache"))
 
 
 @pytest.fixture

@@ -32,7 +32,14 @@ def test_three_peers_export_and_time_the_same_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "peers.json").read_text())
     rows = {r["peer"]: r for r in report["peers"]}
-    assert list(rows) == ["exportline", "optimum", "genai"]
+    assert list(rows) == ["exportline", "exportline-warm", "optimum", "genai"]
+    # exportline twice: cold traced into an empty graph cache, warm reused it; the same files.
+    cold, warm = rows["exportline"], rows.pop("exportline-warm")
+    assert (cold["graph_cache"], warm["graph_cache"]) == ("stored", "hit")
+    assert warm["status"] == "ok" and warm["same_files_as_cold"] and warm["sha256"] == cold["sha256"]
+    assert _positive(warm["wall_s"]) and _positive(warm["stage_wall_s"]) and warm["peak_rss_bytes"] > 20 * 2**20
+    assert "prefill_ms" not in warm and warm["latency"].startswith("not timed: the very graph of the cold row")
+    assert "exportline cold" in proc.stdout and "exportline warm" in proc.stdout
     for peer, row in rows.items():
         assert row["status"] == "ok", row["reason"]
         for key in ("wall_s", "peak_rss_bytes", "total_bytes", "prefill_ms", "decode_ms", "prefill_min_ms", "decode_min_ms",

@@ -71,3 +71,21 @@ def test_adding_a_graph_reruns_no_earlier_stage(tmp_path):
     assert set(before["use_external_data_format"]) == {"model.onnx"}
     assert set(after["use_external_data_format"]) == {"model.onnx", "model_fp16.onnx"}
     assert mismatched(tmp_path) == []  # the manifest records the rewritten config.json
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_genai_config_read_as_json_equals_transformers(arch, tmp_path):
+    """The JSON short cut (no transformers import) gives what transformers' config gives, and
+    a config.json missing a field (qwen2 saves no head_dim, gpt2 has its n_embd names) is
+    read by transformers."""
+    from transformers import AutoConfig
+
+    from exportline.exporters.core import consumer_files
+
+    kwargs = {"gpt2": dict(n_embd=32, n_layer=2, n_head=4)}.get(
+        arch, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    AutoConfig.for_model(arch, vocab_size=64, **kwargs).save_pretrained(tmp_path)
+    fast = consumer_files._hf_config(tmp_path)
+    assert (type(fast).__name__ == "SimpleNamespace") == (arch == "llama")
+    slow = consumer_files._transformers_config(tmp_path)
+    assert consumer_files.genai_config(fast, filename="m") == consumer_files.genai_config(slow, filename="m")

@@ -37,4 +37,4 @@ def test_the_private_hf_home_is_removed_when_pytest_exits(tmp_path, workers):
                          cwd=TESTS.parent, env={**os.environ, "TMPDIR": str(temp)}, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
-    assert not list(temp.glob("exportline-tests-hf-home-*"))
+    assert not list(temp.glob("exportline-tests-hf-home-*")) and not list(temp.glob("exportline-tests-cache-*"))

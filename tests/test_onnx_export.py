@@ -92,7 +92,9 @@ def exported(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    record = _export(root, request.param)
+    with pytest.MonkeyPatch.context() as mp:  # a cold export: no other module's graph served
+        mp.setenv("EXPORTLINE_CACHE", str(tmp_path_factory.mktemp("graph-cache")))
+        record = _export(root, request.param)
     ref = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float64).eval()
     session = ort.InferenceSession(str(root / "onnx" / MODEL_FILE), providers=["CPUExecutionProvider"])
     return root, record, ref, session
@@ -236,7 +238,9 @@ def test_graph_declares_shapes_py_io_and_one_data_file(exported):
     assert info["files"][DATA_FILE] == (root / "onnx" / DATA_FILE).stat().st_size
     assert "torch" in info["exporter"] and record["status"] == "done"
     copied = 0 if layout.num_layers <= TRACE_LAYERS else layout.num_layers - TRACE_LAYERS
-    assert info["tracing"] == {"layers_traced": layout.num_layers - copied, "layers_copied": copied}
+    tracing = {k: v for k, v in info["tracing"].items() if not k.startswith("graph_cache")}
+    assert tracing == {"layers_traced": layout.num_layers - copied, "layers_copied": copied}
+    assert info["tracing"]["graph_cache"] == "stored"  # a cold export into its own cache
     assert check_onnx_files(root / "onnx" / MODEL_FILE).data_files == (root / "onnx" / DATA_FILE,)
 
 
@@ -264,8 +268,11 @@ def test_copied_layers_make_the_graph_a_full_trace_makes(tmp_path, monkeypatch):
         _write_hf_folder(root, "qwen2")
     run_pipeline(Bundle(copied), FolderSource("copied"), stages=parse_stages("onnx"))
     monkeypatch.setattr(onnx_replicate, "TRACE_LAYERS", 100)  # every layer traced
+    monkeypatch.setenv("EXPORTLINE_GRAPH_CACHE", "off")  # the patch is not in the cache key: trace again
     record = run_pipeline(Bundle(full), FolderSource("full"), stages=parse_stages("onnx")).ran[-1]
-    assert record["info"]["tracing"] == {"layers_traced": LAYERS, "layers_copied": 0}
+    tracing = record["info"]["tracing"]
+    assert {k: tracing[k] for k in ("layers_traced", "layers_copied")} == {"layers_traced": LAYERS, "layers_copied": 0}
+    assert "copy_refused" not in tracing and tracing["graph_cache"].startswith("off")
     assert _ops(copied) == _ops(full)
     a, b = _initializers(copied), _initializers(full)
     assert {k: v for k, v in a.items() if k.startswith("model.")} == {k: v for k, v in b.items() if k.startswith("model.")}

@@ -82,6 +82,29 @@ def file_digests(paths: Iterable[Path], *, chunk: int = _CHUNK, threads: int | N
     return found
 
 
+def remember_digest(path: Path, digest: str) -> None:
+    """A writer that hashed `path` while writing it (onnx/write_digest.py) records the digest
+    under the file's current stat key: any later change to the file is a new key (a write
+    moves mtime and ctime; ctime cannot be set back), so the memo never answers for it."""
+    with _DIGESTS_LOCK:
+        _DIGESTS[_stat_key(Path(path))] = digest
+
+
+def carry_digest(src: Path, dest: Path, action) -> None:
+    """Run `action` (a rename of src to dest, a chmod of src == dest) and keep a digest the
+    memo holds for src's exact stat key: rename and chmod change ctime, not the bytes. Only
+    exportline's own move is carried; the key before it must match exactly."""
+    try:
+        before = _stat_key(Path(src))
+    except OSError:
+        before = None
+    action()
+    with _DIGESTS_LOCK:
+        digest = _DIGESTS.get(before) if before else None
+    if digest is not None:
+        remember_digest(dest, digest)
+
+
 def _stat_key(path: Path) -> tuple:
     st = path.stat()
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -278,7 +301,7 @@ class Bundle:
                 rel = src.relative_to(tmp)
                 dest = self.root / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dest)
+                carry_digest(src, dest, lambda src=src, dest=dest: os.replace(src, dest))
                 moved.append(rel.as_posix())
         except OSError:
             # e.g. a read-only onnx/: the files already moved are not recorded anywhere, so

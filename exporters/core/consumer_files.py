@@ -146,7 +146,23 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run the export with --force") from None
 
 
+# Every field genai_config() reads. A config.json that spells them all out (transformers 5
+# writes every one for Llama) is read as JSON; any other goes through transformers, whose
+# import (torch with it) would be most of a warm re-export's time (onnx/graph_cache.py).
+_GENAI_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                 "head_dim", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def _hf_config(root: Path):
+    from types import SimpleNamespace
+
+    raw = _read_config(Path(root) / CONFIG)
+    if all(key in raw for key in _GENAI_FIELDS) and "attribute_map" not in raw:
+        return SimpleNamespace(**{key: raw[key] for key in _GENAI_FIELDS})
+    return _transformers_config(root)
+
+
+def _transformers_config(root: Path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(root)

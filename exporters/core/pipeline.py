@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from exportline.exporters.core.bundle import Bundle, _disk_hint, file_digests
+from exportline.exporters.core.bundle import Bundle, _disk_hint, carry_digest, file_digests
 from exportline.exporters.core.consumer_files import without_consumer_block, write_consumer_files
 from exportline.exporters.core.errors import (
     ConfigError,
@@ -240,7 +240,7 @@ def share_like_umask(folder: Path) -> None:
     mode = 0o666 & ~mask
     for path in folder.rglob("*"):
         if path.is_file() and path.stat().st_mode & 0o777 != mode:
-            path.chmod(mode)
+            carry_digest(path, path, lambda path=path: path.chmod(mode))
 
 
 def _user_error(stage: str, exc: BaseException) -> ExportlineError | None:

@@ -28,8 +28,16 @@ def _chunked_class():
         __slots__ = ("chunks", "origin")
 
         def tofile(self, file) -> None:
+            from exportline.exporters.onnx.write_digest import hasher_for
+
+            hasher = hasher_for(file)  # the data file hashed as it is written (write_digest.py)
             for chunk in self.chunks():
-                file.write(memoryview(chunk).cast("B"))
+                data = memoryview(chunk).cast("B")
+                start = file.tell() if hasher else 0
+                file.write(data)
+                if hasher:
+                    file.flush()  # the hasher reads through its own descriptor
+                    hasher.written(file, start, len(data))
 
     return ChunkedTensor
 

@@ -52,12 +52,13 @@ def checkpoint_tensors(lazies: dict[str, object], retyped: dict[str, Convert]) -
 
 def _float32(origin) -> np.ndarray:
     """The checkpoint tensor as the fp32 graph holds it (transposed where it stores W^T)."""
-    import torch
+    from exportline.exporters.onnx.weights import transpose_into
 
     weights, source = origin
     array = weights.read(source.key, np.float32)
     if source.perm is not None:
-        array = torch.from_numpy(array).permute(source.perm).contiguous().numpy()
+        view = array.transpose(source.perm)
+        array = transpose_into(np.empty(view.shape, np.float32), view)
     return array
 
 

@@ -213,7 +213,7 @@ def build_graph(model, layout: KVLayout, weights, *, stack: str | None, opset: i
     import dataclasses
 
     from exportline.exporters.onnx.replicate import TRACE_LAYERS, replicate, truncated
-    from exportline.exporters.onnx.weights import attach_weights, finalize, fold_weight_transposes, simplify
+    from exportline.exporters.onnx.weights import attach_weights, finalize, fold_weight_transposes, opaque_weights, simplify
 
     if stack:
         with truncated(model, stack, TRACE_LAYERS):
@@ -221,14 +221,15 @@ def build_graph(model, layout: KVLayout, weights, *, stack: str | None, opset: i
     else:
         ir_model = _trace(model, layout, opset)
     lap("trace")
-    sources = attach_weights(ir_model.graph, model, weights, prefix=WRAPPER_PREFIX)
-    fold_weight_transposes(ir_model.graph, sources, weights)
-    simplify(ir_model)
-    if stack:
-        replicate(ir_model.graph, model, prefix=WRAPPER_PREFIX, stack=stack, total=layout.num_layers,
-                  sources=sources, weights=weights)
-    finalize(ir_model)
-    name_io(ir_model.graph, layout)
+    with opaque_weights():  # the structure must not depend on weight values (graph cache)
+        sources = attach_weights(ir_model.graph, model, weights, prefix=WRAPPER_PREFIX)
+        fold_weight_transposes(ir_model.graph, sources, weights)
+        simplify(ir_model)
+        if stack:
+            replicate(ir_model.graph, model, prefix=WRAPPER_PREFIX, stack=stack, total=layout.num_layers,
+                      sources=sources, weights=weights)
+        finalize(ir_model)
+        name_io(ir_model.graph, layout)
     lap("optimize")
     traced = TRACE_LAYERS if stack else layout.num_layers
     return ir_model, {"layers_traced": traced, "layers_copied": layout.num_layers - traced}
@@ -314,15 +315,58 @@ class OnnxExport:
 
 def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], None] = lambda m: None,
                 lap: Callable[[str], None] = lambda name: None):
-    """The HF folder's graph (onnx_ir) with every weight a lazy tensor that reads the
-    checkpoint when written; returns (graph, config, weights, tracing facts). Nothing large
-    has been read yet: `save` (fp32) or the fp16 stage's direct path writes the weights."""
-    from exportline.exporters.onnx.replicate import TRACE_LAYERS, NotReplicable
-    from exportline.exporters.onnx.weights import check_checkpoint_covers
+    """The HF folder's graph with every weight a lazy tensor that reads the checkpoint when
+    written; returns (graph_cache.CachedGraph, CheckpointWeights). Nothing large has been read
+    yet: `save` (fp32) or the fp16 stage's direct path writes the weights.
+
+    The graph comes from the graph cache when an entry matches (onnx/graph_cache.py: no
+    torch, no tracing); otherwise it is traced, stored, and read back the way a hit is."""
+    from exportline.exporters.onnx import graph_cache
     from exportline.exporters.sources.weights_reader import CheckpointWeights
 
-    config = load_config(hf_dir)
+    check_architecture(hf_dir)
     weights = CheckpointWeights(hf_dir)  # headers only: fails fast on a broken checkpoint
+    material = graph_cache.key_material(hf_dir, weights, opset=opset)
+    key = graph_cache.cache_key(material)
+    status = "off (EXPORTLINE_GRAPH_CACHE)"
+    if graph_cache.enabled():
+        found = graph_cache.read_entry(key)
+        status = "stored"
+        if found is not None:
+            try:
+                graph = graph_cache.attach(*found, weights)
+                progress(f"onnx: graph from the cache ({graph_cache.cache_root() / 'graphs' / key[:16]}…), no tracing")
+                lap("cache")
+                return _with_status(graph, "hit", key), weights
+            except graph_cache.DamagedEntry as exc:
+                status = f"stored (replaced a damaged entry: {exc})"
+    ir_model, config, tracing = _trace_checkpoint(hf_dir, weights, opset=opset, progress=progress, lap=lap)
+    layout = KVLayout.from_config(config)
+    if weights.keys_read:  # folding read a weight: the structure holds this checkpoint's values
+        from exportline.exporters.onnx.graph_cache import CachedGraph
+
+        why = f"not stored: building the graph read {len(weights.keys_read)} weight(s), e.g. {min(weights.keys_read)}"
+        return _with_status(CachedGraph(ir_model, layout, config.model_type, tracing), why, key), weights
+    data, entry = graph_cache.detach(ir_model, key=key, material=material, layout=layout,
+                                     architecture=config.model_type, tracing=tracing)
+    if graph_cache.enabled():
+        status = status if (written := graph_cache.write_entry(key, data, entry)) == "stored" else written
+    # The cold export writes what a hit would: the entry read back, weights re-attached.
+    return _with_status(graph_cache.attach(data, entry, weights), status, key), weights
+
+
+def _with_status(graph, status: str, key: str):
+    graph.tracing = {**graph.tracing, "graph_cache": status, "graph_cache_key": key}
+    return graph
+
+
+def _trace_checkpoint(hf_dir: Path, weights, *, opset: int, progress, lap):
+    """Skeleton, trace (a few layers, the rest copied), weights attached: (onnx_ir model,
+    transformers config, tracing facts)."""
+    from exportline.exporters.onnx.replicate import TRACE_LAYERS, NotReplicable
+    from exportline.exporters.onnx.weights import check_checkpoint_covers
+
+    config = load_config(hf_dir)
     layout = KVLayout.from_config(config)
     model = build_skeleton(config)
     check_checkpoint_covers(model, weights)
@@ -336,7 +380,7 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
         progress(f"onnx: layers are not copies of each other ({exc}); tracing all {layout.num_layers}")
         ir_model, traced = build_graph(model, layout, weights, stack=None, opset=opset, lap=lap)
     del model  # its untouched weight pages are released; the graph reads the checkpoint
-    return ir_model, config, weights, {**traced, **how}
+    return ir_model, config, {**traced, **how}
 
 
 def export_onnx(
@@ -345,8 +389,7 @@ def export_onnx(
 ) -> OnnxExport:
     """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`; `source`
     (the source's description) goes into the graph's metadata_props (exporters/onnx/metadata.py)."""
-    import torch
-
+    from exportline.exporters.onnx.graph_cache import tool_version
     from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
     from exportline.exporters.onnx.weights import save
 
@@ -359,18 +402,18 @@ def export_onnx(
         seconds[name] = round(now - clock, 3)
         clock = now
 
-    ir_model, config, weights, tracing = trace_graph(hf_dir, opset=opset, progress=progress, lap=lap)
-    layout = KVLayout.from_config(config)
+    graph, weights = trace_graph(hf_dir, opset=opset, progress=progress, lap=lap)
+    ir_model, layout = graph.model, graph.layout
     progress(f"onnx: writing {weights.nbytes / 2**30:.2f} GiB of weights into {DATA_FILE}")
     stamp(ir_model, graph_metadata(source=source or {"kind": "hf", "path": str(hf_dir)}, precision="fp32", layout=layout,
-                                   made_by=[f"torch {torch.__version__} torch.export + torch.onnx",
+                                   made_by=[f"torch {tool_version('torch')} torch.export + torch.onnx",
                                             f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     save(ir_model, out_dir / MODEL_FILE, DATA_FILE)
     lap("write")
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()}
     return OnnxExport(
-        opset=opset, exporter=EXPORTER, architecture=config.model_type,
+        opset=opset, exporter=EXPORTER, architecture=graph.architecture,
         nodes=sum(1 for _ in ir_model.graph), initializers=len(ir_model.graph.initializers),
-        weight_bytes=weights.nbytes, files=files, seconds=seconds, tracing=tracing,
+        weight_bytes=weights.nbytes, files=files, seconds=seconds, tracing=graph.tracing,
     )

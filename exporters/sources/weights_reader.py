@@ -101,6 +101,9 @@ class CheckpointWeights:
         self.folder = Path(folder)
         files = [p.name for p in shard_paths(self.folder)]
         self.tensors: dict[str, StoredTensor] = {}
+        # Keys whose values were read: the graph cache stores no graph that read any while
+        # it was built (its structure would hold one checkpoint's numbers).
+        self.keys_read: set[str] = set()
         for name in files:
             path = self.folder / name
             if not path.is_file():
@@ -129,6 +132,7 @@ class CheckpointWeights:
         """One tensor as stored (bf16 as uint16), read into the uint8 buffer `into` when given
         (reused by the writer threads, sparing a page fault per 4 KiB of every tensor)."""
         stored = self.tensors[key]
+        self.keys_read.add(key)
         buf = np.empty(stored.nbytes, dtype=np.uint8) if into is None else into[: stored.nbytes]
         view, done = memoryview(buf), 0
         fd = os.open(stored.file, os.O_RDONLY)

@@ -62,10 +62,9 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
     from exportline.exporters.onnx.direct import checkpoint_tensors, weightless_proto
     from exportline.exporters.onnx.export import OPSET, trace_graph
 
-    ir_model, config, weights, tracing = trace_graph(ctx.bundle.root, opset=ctx.options.opset or OPSET,
-                                                     progress=ctx.progress)
-    proto, lazies = weightless_proto(ir_model)
-    del ir_model
+    graph, weights = trace_graph(ctx.bundle.root, opset=ctx.options.opset or OPSET, progress=ctx.progress)
+    proto, lazies = weightless_proto(graph.model)
+    graph.model = None
     proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     stored = {t.name: t.data_type for t in proto.graph.initializer if t.name in lazies}
     ctx.progress("fp16: converting (norms, softmax, pow, reducemean, rotary angles, logits stay float32)")
@@ -73,7 +72,7 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
     del proto
     overflow: dict[str, int] = {}
     retyped = float16_conversions(converted, stored, overflow)
-    _stamp_direct(ctx, converted, config)
+    _stamp_direct(ctx, converted, graph.layout)
     target = ctx.tmp / TARGET
     ctx.progress(f"fp16: streaming {weights.nbytes / 2**30:.2f} GiB of checkpoint weights into model_fp16.onnx_data")
     files = save_streamed(converted, None, target, tensors=checkpoint_tensors(lazies, retyped))
@@ -82,18 +81,17 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
     return {**facts, **_overflow_facts(ctx, overflow), "files": [f"onnx/{f}" for f in files],
             "converter": "onnxruntime.transformers.float16",
             "weights": f"direct from the HF safetensors ({', '.join(dtypes)}), no fp32 ONNX written",
-            "tracing": tracing, "architecture": config.model_type}
+            "tracing": graph.tracing, "architecture": graph.architecture}
 
 
-def _stamp_direct(ctx: StageContext, converted, config) -> None:
+def _stamp_direct(ctx: StageContext, converted, layout) -> None:
     import onnxruntime
-    import torch
 
-    from exportline.exporters.core.shapes import KVLayout
+    from exportline.exporters.onnx.graph_cache import tool_version
     from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
 
-    stamp(converted, graph_metadata(source=ctx.source.describe(), precision="fp16", layout=KVLayout.from_config(config), made_by=[
-        f"torch {torch.__version__} torch.export + torch.onnx",
+    stamp(converted, graph_metadata(source=ctx.source.describe(), precision="fp16", layout=layout, made_by=[
+        f"torch {tool_version('torch')} torch.export + torch.onnx",
         f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)",
         f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands, weights straight from the HF folder",
     ]))
