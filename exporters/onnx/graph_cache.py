@@ -40,8 +40,11 @@ ENV_SWITCH = "EXPORTLINE_GRAPH_CACHE"  # "off" / "0" / "no": neither read nor wr
 GRAPH_FILE, ENTRY_FILE = "graph.onnx", "entry.json"
 _UNREAD = "checkpoint-weight"  # location of a weight in graph.onnx: never read, re-attached on load
 TOOLS = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")
-# exportline's files that decide the graph's structure: a change to any of them is a new key.
-_GRAPH_CODE = ("onnx/export.py", "onnx/replicate.py", "onnx/weights.py", "onnx/chunked.py", "onnx/graph_cache.py",
+# exportline's files that may decide the graph's structure: a change to any of them is a new
+# key. All of onnx/ rather than a hand-picked few, so a helper moved between its files (or a
+# new one) cannot leave a stale graph behind; a change there that does not alter the graph
+# costs one re-trace.
+_GRAPH_CODE = (*sorted(f"onnx/{p.name}" for p in (Path(__file__).parent).glob("*.py")),
                "core/shapes.py", "sources/weights_reader.py")
 
 
