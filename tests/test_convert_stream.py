@@ -82,14 +82,20 @@ def _check_depth_independent(held: dict[int, int], dests: dict) -> None:
     assert held[8] <= held[2] + 2 * largest8 + SLACK, held  # does not grow with depth
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="not available: the peak-RSS reset is Linux /proc")
-def test_nanogpt_conversion_holds_a_few_tensors_whatever_the_depth(tmp_path):
-    # n_embd 384: c_fc is 2.25 MiB and one layer 6.75 MiB; the .pt also carries AdamW's two
-    # moments (twice the weights), which the conversion must not read at all.
+def _nanogpt_ckpts(tmp_path) -> dict:
+    """nanoGPT checkpoints with AdamW state (train.py's layout) at 2 and 8 layers, n_embd 384."""
     ckpts = {}
     for layers in (2, 8):
         ckpts[layers] = tmp_path / f"ckpt{layers}.pt"
         save_nanogpt(ckpts[layers], nanogpt_args(n_layer=layers, n_embd=384, n_head=6, vocab_size=256, block_size=64))
+    return ckpts
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="not available: the peak-RSS reset is Linux /proc")
+def test_nanogpt_conversion_holds_a_few_tensors_whatever_the_depth(tmp_path):
+    # n_embd 384: c_fc is 2.25 MiB and one layer 6.75 MiB; the .pt also carries AdamW's two
+    # moments (twice the weights), which the conversion must not read at all.
+    ckpts = _nanogpt_ckpts(tmp_path)
     _convert(ckpts[2], tmp_path / "warm-up")  # imports and first-use allocations are not the conversion's
     held = {layers: _convert(ckpts[layers], tmp_path / f"hf{layers}") for layers in (2, 8)}
     _check_depth_independent(held, {k: tmp_path / f"hf{k}" for k in held})
@@ -207,10 +213,7 @@ def _sizes(path) -> list[int]:
 def test_nanogpt_training_state_is_written_a_few_tensors_at_a_time(tmp_path):
     # The same checkpoints as above: AdamW's exp_avg and exp_avg_sq are 2x the weights, so
     # writing them whole (as save_file does) would hold ~110 MiB at 8 layers.
-    ckpts = {}
-    for layers in (2, 8):
-        ckpts[layers] = tmp_path / f"ckpt{layers}.pt"
-        save_nanogpt(ckpts[layers], nanogpt_args(n_layer=layers, n_embd=384, n_head=6, vocab_size=256, block_size=64))
+    ckpts = _nanogpt_ckpts(tmp_path)
     _write_training(ckpts[2], tmp_path / "warm-up")
     held = {layers: _write_training(ckpts[layers], tmp_path / f"hf{layers}") for layers in (2, 8)}
     state = {k: _sizes(tmp_path / f"hf{k}" / "training" / "state.safetensors") for k in held}
