@@ -17,6 +17,7 @@ from exportline.deploy.engines import EngineCheck, check_engines
 from exportline.deploy.hub import KEEP_REMOTE, REPO_ID, check_repo_id, hub_api, hub_errors, resolve_token
 from exportline.exporters.core.bundle import MANIFEST, Bundle, file_digests
 from exportline.exporters.core.errors import ArtifactError, ConfigError, OutputError
+from exportline.exporters.core.layout import cache_root
 
 HUB_METADATA = ".cache"  # huggingface_hub's bookkeeping inside a local_dir download
 
@@ -110,12 +111,6 @@ def verify_download(root: Path, repo_id: str) -> tuple[dict[str, Any], list[str]
 
 
 # -- a repo id where a bundle folder is expected ------------------------------------------------
-def cache_root() -> Path:
-    """exportline's cache folder: $EXPORTLINE_CACHE, else $XDG_CACHE_HOME/exportline (~/.cache)."""
-    base = os.environ.get("EXPORTLINE_CACHE")
-    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
-
-
 def bundle_or_pull(
     arg: str, *, revision: str | None = None, token: str | None = None, progress: Callable[[str], None] = lambda m: None,
 ) -> Path:

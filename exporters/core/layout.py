@@ -3,7 +3,9 @@ declares the tensors. Stages, runners, checks, reports and deploy name files thr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 MANIFEST = "manifest.json"
 CARD = "README.md"  # the model card
@@ -18,6 +20,15 @@ BENCH_JSON = f"{REPORTS}/bench.json"
 TRT = "trt"  # engines: trt/<precision>.sm<cc>.trt<ver>.plan (+ .json)
 LOCK = ".exportline.lock"
 TMP = ".exportline-tmp"
+
+
+def cache_root() -> Path:
+    """exportline's cache outside any bundle (Hub pulls, traced graphs, TensorRT timing
+    caches): $EXPORTLINE_CACHE, else $XDG_CACHE_HOME/exportline (~/.cache/exportline)."""
+    base = os.environ.get("EXPORTLINE_CACHE")
+    if base:
+        return Path(base).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from exportline.exporters.core.layout import cache_root
 from exportline.exporters.core.shapes import KVLayout
 
 FORMAT = "exportline-graph-cache/1"
@@ -56,14 +57,6 @@ class CachedGraph:
     layout: KVLayout
     architecture: str
     tracing: dict[str, Any]  # layers traced/copied (+ copy_refused), graph_cache: hit | stored | …
-
-
-def cache_root() -> Path:
-    """exportline's cache folder: $EXPORTLINE_CACHE, else $XDG_CACHE_HOME/exportline (~/.cache)."""
-    base = os.environ.get("EXPORTLINE_CACHE")
-    if base:
-        return Path(base).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
 
 
 def enabled() -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 from exportline.exporters.core.bundle import sha256_file
 from exportline.exporters.core.errors import ConfigError, NotAvailable, StageError
+from exportline.exporters.core.layout import cache_root
 from exportline.exporters.core.pipeline import ExportOptions, Stage, StageContext
 from exportline.exporters.core.shapes import KVLayout, optimization_profiles
 from exportline.exporters.tensorrt.engines import (
@@ -77,8 +78,7 @@ def timing_cache_path(opts: ExportOptions, target: Target) -> Path:
     is pushed to the Hub), and one cache serves every model built here."""
     if opts.trt_timing_cache:
         return Path(opts.trt_timing_cache)
-    base = os.environ.get("EXPORTLINE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportline"
-    return Path(base) / "tensorrt" / f"timing.{target.sm}.trt{target.tensorrt}.cache"
+    return cache_root() / "tensorrt" / f"timing.{target.sm}.trt{target.tensorrt}.cache"
 
 
 def _parse(trt, builder, logger, *, onnx_path: Path):
