@@ -1,5 +1,7 @@
 """HF causal LM folder → onnx/model.onnx + ONE model.onnx_data, with a KV cache (DESIGN.md §4).
 
+Llama-family configs get a graph written op by op (onnx/llama_graph.py: no torch, no tracing);
+every other model, or a config that module does not know, is traced as follows.
 The graph is traced from a skeleton whose parameters are allocated but never written, so
 their pages never become resident: torch.export only needs shapes and dtypes. Deep models
 are traced with 4 decoder layers and the rest copied in the ONNX graph once the copy is
