@@ -242,10 +242,14 @@ def test_graph_declares_shapes_py_io_and_one_data_file(exported):
     declined = llama_graph.plan_for(json.loads((root / "config.json").read_text()))
     if not isinstance(declined, str):  # Llama family: written by hand, nothing traced or cached
         assert ref.config.model_type in llama_graph.FAMILIES and info["exporter"] == llama_graph.BUILDER
+        assert model.producer_name == "exportline"
         assert info["tracing"] == {"builder": llama_graph.BUILDER, "layers_traced": 0, "layers_written": layout.num_layers,
                                    "graph_cache": "not used (nothing traced)"}
     else:
         assert "torch" in info["exporter"] and info["tracing"]["not_built_by_hand"] == declined
+        chain = {p.key: p.value for p in model.metadata_props}["exportline.made_by"].split(" -> ")
+        # the producer is the tool that emitted the operators (onnx/metadata.py); the chain says the rest
+        assert model.producer_name == "pytorch" and chain[0].startswith("torch ") and chain[1].startswith("exportline ")
         copied = 0 if layout.num_layers <= TRACE_LAYERS else layout.num_layers - TRACE_LAYERS
         tracing = {k: v for k, v in info["tracing"].items() if not k.startswith("graph_cache") and k != "not_built_by_hand"}
         assert tracing == {"layers_traced": layout.num_layers - copied, "layers_copied": copied}
