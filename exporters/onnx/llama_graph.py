@@ -86,9 +86,7 @@ def plan_for(config: dict[str, Any]) -> Plan | str:
             head_dim=head_dim, intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
             eps=float(config["rms_norm_eps"]), theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             tied=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=kind == "qwen2" or bool(config.get("attention_bias", False)),
-            o_bias=kind != "qwen2" and bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            **{flag: _has_bias(config, rule) for flag, rule in zip(("qkv_bias", "o_bias", "mlp_bias"), _BIASES[kind])},
         )
     except (KeyError, TypeError, ValueError) as exc:
         return f"config.json field {exc} missing or not a number"
@@ -96,6 +94,20 @@ def plan_for(config: dict[str, Any]) -> Plan | str:
             or plan.head_dim % 2:
         return "head counts or sizes that transformers would refuse"
     return plan
+
+
+# Which Linears carry a bias (q/k/v, o, mlp), as transformers' modeling files build them: a
+# config key names the flag read, a bool is fixed. Mistral and Qwen2 ignore attention_bias and
+# mlp_bias, which a config.json may still carry (save_pretrained keeps unknown keys).
+_BIASES: dict[str, tuple[str | bool, str | bool, str | bool]] = {
+    "llama": ("attention_bias", "attention_bias", "mlp_bias"),
+    "mistral": (False, False, False),
+    "qwen2": (True, False, False),
+}
+
+
+def _has_bias(config: dict[str, Any], rule: str | bool) -> bool:
+    return bool(config.get(rule, False)) if isinstance(rule, str) else rule
 
 
 def _window_crops(config: dict[str, Any], kind: str) -> str | None:
