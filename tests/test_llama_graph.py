@@ -32,6 +32,9 @@ BUILT = {  # name → (model_type, config overrides); each is a case the graph w
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "qwen2": ("qwen2", {}),  # q/k/v biases, no o_proj bias
+    # keys transformers' Qwen2 and Mistral ignore (no such biases), kept in config.json
+    "qwen2-bias-keys": ("qwen2", dict(attention_bias=True, mlp_bias=True)),
+    "mistral-bias-keys": ("mistral", dict(attention_bias=True, mlp_bias=True)),
     "mistral-window-null": ("mistral", dict(sliding_window=None)),
     "mistral-window-covers": ("mistral", dict(sliding_window=64)),  # == max_position_embeddings: crops nothing
     "llama-head-dim": ("llama", dict(head_dim=16)),  # ≠ hidden / heads = 8
@@ -181,6 +184,8 @@ def test_the_configs_are_what_they_claim(built):
     with safe_open(built["qwen2"][0] / "model.safetensors", "np") as f:
         keys = set(f.keys())
     assert "model.layers.0.self_attn.k_proj.bias" in keys and "model.layers.0.self_attn.o_proj.bias" not in keys
+    for name in ("qwen2-bias-keys", "mistral-bias-keys"):
+        assert config[name]["attention_bias"] is True and config[name]["mlp_bias"] is True
 
 
 @pytest.mark.parametrize("name", TRACED_TOO)
