@@ -109,3 +109,24 @@ def test_fp16_runs_decode_with_float16_past(tiny):
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     assert out["logits"].dtype == np.float32 and out["present.0.key"].dtype == np.float16
     assert out["present.0.key"].shape == (1, 2, 4, 16) and np.isfinite(out["logits"]).all()
+
+
+def test_fp16_pooled_top1_gate_counts_flips_over_every_case():
+    """Trained weights: 99 % top-1 over all cases' positions together; 3 flips in 256 fail it."""
+    import numpy as np
+
+    from exportline.verify.checks.quant import agreement_row
+    from exportline.verify.metrics import LogitAgreement
+
+    ref = np.random.default_rng(0).normal(size=(256, 32))
+    bounds = {"rel_l2": 1e-3, "top1": 0.99, "margin_z": 3.0}
+    for flips, passed in ((2, True), (3, False)):
+        out = ref.copy()
+        for i in range(flips):  # the runner-up becomes the argmax
+            second = np.argsort(out[i])[-2]
+            out[i, second] = out[i].max() + 1.0
+        agreement = LogitAgreement()
+        for half in (slice(0, 128), slice(128, 256)):  # two cases, pooled
+            agreement.add(out[half], ref[half])
+        row = agreement_row("fp16", "every case, pooled", agreement, bounds=bounds, gated=("top1",))
+        assert row.passed is passed and row.metrics["top1"] == 1 - flips / 256
