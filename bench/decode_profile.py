@@ -98,6 +98,16 @@ def summarize_profile(events: list[dict], *, steps: int) -> tuple[float, float, 
     return step_ms, sum(r.ms_per_step for r in rows), rows
 
 
+def round_medians(samples_s: list[float], *, repeat: int) -> list[float]:
+    """Per-round medians (ms) of pooled samples, which _run_rounds concatenates round by round.
+    The machine's background load changes over minutes, so a ratio of two graphs' medians in
+    the same round (seconds apart) is steadier than a ratio of their pooled medians."""
+    import numpy as np
+
+    chunks = [samples_s[i:i + repeat] for i in range(0, len(samples_s), repeat)]
+    return [float(np.median(c)) * 1e3 for c in chunks]
+
+
 def profile_graph(label: str, path: Path, *, config: Path, settings: dict) -> GraphProfile:
     """One profiled session: the bench's decode preparation, then `repeat` profiled decode steps."""
     from exportline.bench.peers import _runner_class
@@ -133,14 +143,19 @@ def run(paths: list[Path], *, config: Path | None, settings: dict, progress) -> 
     timing_settings = {**settings, "prompt": settings["past"]}
     runs, logits = measure_latency(folder, graphs, settings=timing_settings, progress=progress, workloads=("decode",))
     decode = next(iter(logits.values()), {})
-    ref = decode.get(next(iter(graphs)))
+    first = next(iter(graphs))
+    ref = decode.get(first)
+    rounds = {label: round_medians(run.rows[0]["samples_s"], repeat=settings["repeat"])
+              for label, run in runs.items() if run.status == "ok"}
     rows = []
     for label, path in graphs.items():
         row: dict = {"graph": label, "path": str(path), "status": runs[label].status, "reason": runs[label].reason}
         if row["status"] == "ok":
             stats = runs[label].rows[0]["stats"]
             row.update(median_ms=stats["median_s"] * 1e3, min_ms=stats["min_s"] * 1e3,
-                       samples=len(runs[label].rows[0]["samples_s"]))
+                       samples=len(runs[label].rows[0]["samples_s"]), round_medians_ms=rounds[label])
+            if first in rounds:
+                row["paired_ratio_vs_first"] = float(np.median(np.divide(rounds[label], rounds[first])))
             if ref is not None and label in decode:
                 row["max_abs_diff_vs_first"] = float(np.abs(decode[label] - ref).max())
                 row["greedy_equals_first"] = bool(np.array_equal(decode[label].argmax(-1), ref.argmax(-1)))
@@ -161,15 +176,19 @@ def print_report(report: dict, *, top: int) -> None:
     s = report["settings"]
     typer.echo(f"decode: batch {s['batch']}, past {s['past']}, {s['threads']} threads, {s['rounds']} rounds ABBA "
                f"× {s['repeat']} runs; ORT CPU")
-    typer.echo(f"{'graph':<40} {'median ms':>10} {'min ms':>8} {'max|Δ| vs first':>16} {'greedy = first':>15}")
+    typer.echo(f"{'graph':<40} {'median ms':>10} {'min ms':>8} {'paired ÷ first':>15} {'max|Δ| vs first':>16} "
+               f"{'greedy = first':>15}")
     for r in report["graphs"]:
         if r["status"] != "ok":
             typer.echo(f"{r['graph']:<40} {r['status']}: {r['reason']}")
             continue
         diff = r.get("max_abs_diff_vs_first")
         same = r.get("greedy_equals_first")
+        paired = r.get("paired_ratio_vs_first")
         typer.echo(f"{r['graph']:<40} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} "
+                   f"{'—' if paired is None else f'{paired:.3f}':>15} "
                    f"{'—' if diff is None else f'{diff:.2e}':>16} {'—' if same is None else ('yes' if same else 'NO'):>15}")
+    typer.echo("paired ÷ first: the median over rounds of (graph's round median ÷ the first graph's round median)")
     for p in report["profiles"]:
         typer.echo(f"\nprofile {p['label']}: step {p['step_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms, "
                    f"{p['nodes']} nodes run")

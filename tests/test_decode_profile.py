@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exportline.bench.decode_profile import graph_labels, summarize_profile
+from exportline.bench.decode_profile import graph_labels, round_medians, summarize_profile
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,8 @@ def test_a_row_per_graph_with_positive_times_and_a_profile(tiny_graphs, tmp_path
         assert row["status"] == "ok" and 0 < row["min_ms"] <= row["median_ms"]
         assert row["samples"] == 2 * 3  # rounds × repeat, pooled
         assert row["max_abs_diff_vs_first"] == 0.0 and row["greedy_equals_first"]  # the same graph
+        assert len(row["round_medians_ms"]) == 2 and min(row["round_medians_ms"]) >= row["min_ms"]
+        assert row["paired_ratio_vs_first"] > 0
         line = next(ln for ln in done.stdout.splitlines() if ln.startswith(label + " "))
         assert float(line.split()[1]) == pytest.approx(row["median_ms"], abs=0.006)
     assert [p["label"] for p in report["profiles"]] == list(rows)
@@ -87,6 +89,11 @@ def test_profile_counts_only_kernels_inside_the_last_runs():
     assert [(r.op, r.nodes) for r in rows] == [("MatMul", 2), ("Softmax", 1)]
     assert rows[0].ms_per_step == pytest.approx(0.070) and rows[1].ms_per_step == pytest.approx(0.010)
     assert kernel_ms == pytest.approx(0.080)
+
+
+def test_round_medians_split_pooled_samples_by_round():
+    samples = [0.001, 0.003, 0.002, 0.010, 0.030, 0.020]  # two rounds of three runs, pooled in order
+    assert round_medians(samples, repeat=3) == pytest.approx([2.0, 20.0])
 
 
 def test_labels_grow_until_unique(tmp_path):
