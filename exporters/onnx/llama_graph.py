@@ -11,10 +11,12 @@ what transformers' eager attention computes, term for term:
 - causal + padding mask: key t is visible from query s when t ≤ past + s and
   attention_mask[b, t] = 1; hidden keys add float32's lowest value before softmax, as HF does;
 - rotary: angles position_ids × inv_freq, inv_freq = 1 / θ^(2i/d) rounded once to float32,
-  rotate_half folded into a sign-flipped sin table shared by every layer;
+  rotate_half folded into a sign-flipped sin table shared by every layer; the queries' tables
+  also carry the attention scale 1/√d, so no layer scales its scores;
 - RMSNorm as x / sqrt(mean(x²) + eps) · w (the form ONNX Runtime fuses into one kernel);
 - grouped-query attention by reshaping the queries of one KV head's group together, so
-  K and V are read once per KV head instead of being copied to every query head.
+  K and V are read once per KV head instead of being copied to every query head; the mask is
+  tiled to that block once per graph.
 
 Anything this module does not know to be that formula (another rope type, a sliding window
 that crops, other activations, a config it cannot read) returns a reason instead of a
@@ -176,6 +178,16 @@ def build(hf_dir: Path, weights, *, opset: int):
     return model, layout, {"builder": BUILDER, "layers_traced": 0, "layers_written": plan.layers}
 
 
+@dataclass(frozen=True)
+class _Rotary:
+    """Rotary tables for keys (cos, sin) and for queries (the same times the attention scale)."""
+
+    cos: Any
+    sin: Any
+    q_cos: Any
+    q_sin: Any
+
+
 class _Builder:
     def __init__(self, plan: Plan, layout: KVLayout, weights, *, opset: int):
         import onnx_ir as ir
@@ -223,10 +235,12 @@ class _Builder:
         ids, attention_mask, position_ids, past = inputs[0], inputs[1], inputs[2], inputs[3:]
         hidden = self.op("Gather", self.w.get("model.embed_tokens.weight", (p.vocab, p.hidden)), ids, axis=0)
         mask = self.attention_bias(ids, attention_mask, past[0])
-        cos, sin = self.rotary(position_ids)
+        if p.heads > p.kv_heads:  # rows g·S + s of a KV head's query block see what query s sees
+            mask = self.op("Tile", mask, self.const([1, 1, p.heads // p.kv_heads, 1]))
+        rotary = self.rotary(position_ids)
         presents = []
         for i in range(p.layers):
-            hidden, key, value = self.layer(i, hidden, mask=mask, cos=cos, sin=sin, past=past[2 * i:2 * i + 2])
+            hidden, key, value = self.layer(i, hidden, mask=mask, rotary=rotary, past=past[2 * i:2 * i + 2])
             presents += [key, value]
         hidden = self.rms_norm(hidden, "model.norm.weight")
         if p.tied:  # lm_head is the embedding: read through a Transpose, not stored twice
@@ -261,7 +275,7 @@ class _Builder:
         lowest = np.finfo(np.float32).min
         return self.op("Where", visible, self.const(0.0, np.float32), self.const(lowest, np.float32))
 
-    def rotary(self, position_ids):
+    def rotary(self, position_ids) -> "_Rotary":
         """cos and sign-flipped sin tables [batch, 1, sequence, head_dim], shared by every layer:
         x·cos + rotate_half(x)·sin = x·cos + swap_halves(x)·[-sin, sin]."""
         p = self.plan
@@ -272,7 +286,11 @@ class _Builder:
         cos, sin = self.op("Cos", angles), self.op("Sin", angles)
         cos = self.op("Concat", cos, cos, axis=-1)
         sin = self.op("Concat", self.op("Neg", sin), sin, axis=-1)
-        return self.op("Unsqueeze", cos, self.const([1])), self.op("Unsqueeze", sin, self.const([1]))
+        cos, sin = self.op("Unsqueeze", cos, self.const([1])), self.op("Unsqueeze", sin, self.const([1]))
+        # The attention scale 1/√D applied to the queries through their own tables, once per
+        # graph, instead of to every layer's [S, T] scores: (s·q)·k = s·(q·k) up to rounding.
+        scale = self.const(p.head_dim ** -0.5, np.float32)
+        return _Rotary(cos=cos, sin=sin, q_cos=self.op("Mul", cos, scale), q_sin=self.op("Mul", sin, scale))
 
     def rotate(self, x, cos, sin):
         first, second = self.tape.op_multi_out("Split", [x], {"axis": -1, "num_outputs": 2}, num_outputs=2)
@@ -283,7 +301,7 @@ class _Builder:
         """[B, S, count·D] → [B, count, S, D]."""
         return self.op("Transpose", self.op("Reshape", x, self.const([0, 0, count, self.plan.head_dim])), perm=[0, 2, 1, 3])
 
-    def layer(self, i: int, hidden, *, mask, cos, sin, past):
+    def layer(self, i: int, hidden, *, mask, rotary: _Rotary, past):
         p = self.plan
         prefix = f"model.layers.{i}"
         x = self.rms_norm(hidden, f"{prefix}.input_layernorm.weight")
@@ -291,7 +309,7 @@ class _Builder:
         q = self.heads(self.linear(x, f"{attn}.q_proj", (p.heads * p.head_dim, p.hidden), bias=p.qkv_bias), p.heads)
         k = self.heads(self.linear(x, f"{attn}.k_proj", (p.kv_heads * p.head_dim, p.hidden), bias=p.qkv_bias), p.kv_heads)
         v = self.heads(self.linear(x, f"{attn}.v_proj", (p.kv_heads * p.head_dim, p.hidden), bias=p.qkv_bias), p.kv_heads)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        q, k = self.rotate(q, rotary.q_cos, rotary.q_sin), self.rotate(k, rotary.cos, rotary.sin)
         key = self.op("Concat", past[0], k, axis=-2)
         value = self.op("Concat", past[1], v, axis=-2)
         context = self.attention(q, key, value=value, mask=mask)
@@ -306,20 +324,15 @@ class _Builder:
         return hidden, key, value
 
     def attention(self, q, key, *, value, mask):
-        """softmax(q·kᵀ·scale + mask)·v with q [B, H, S, D], key/value [B, KVH, T, D] → [B, S, H·D].
-        With groups, a KV head's G query heads are one [G·S, D] block (a reshape, no copy)."""
+        """softmax(q·kᵀ + mask)·v (q already scaled) with q [B, H, S, D], key/value [B, KVH, T, D]
+        → [B, S, H·D]. With groups, a KV head's G query heads are one [G·S, D] block (a reshape,
+        no copy of K or V) and `mask` is tiled to [B, 1, G·S, T] once per graph."""
         p = self.plan
         groups = p.heads // p.kv_heads
         if groups > 1:
             q = self.op("Reshape", q, self.const([0, p.kv_heads, -1, p.head_dim]))
-        scores = self.op("MatMul", q, self.op("Transpose", key, perm=[0, 1, 3, 2]))
-        if groups > 1:
-            scores = self.op("Reshape", scores, self.const([0, p.heads, -1, 0]))  # [B, H, S, T]
-        scores = self.op("Add", self.op("Mul", scores, self.const(p.head_dim ** -0.5, np.float32)), mask)
-        probs = self.op("Softmax", scores, axis=-1)
-        if groups > 1:
-            probs = self.op("Reshape", probs, self.const([0, p.kv_heads, -1, 0]))
-        context = self.op("MatMul", probs, value)
+        scores = self.op("Add", self.op("MatMul", q, self.op("Transpose", key, perm=[0, 1, 3, 2])), mask)
+        context = self.op("MatMul", self.op("Softmax", scores, axis=-1), value)
         if groups > 1:
             context = self.op("Reshape", context, self.const([0, p.heads, -1, p.head_dim]))
         context = self.op("Transpose", context, perm=[0, 2, 1, 3])
