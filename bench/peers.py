@@ -69,17 +69,18 @@ def _runner_class():
     return PeerRunner
 
 
-def _registry(exports: dict[str, Export]) -> dict:
+def graph_registry(graphs: dict[str, Path]) -> dict:
+    """A bench Backend per named graph, all under the same ORT options (bench/decode_profile.py too)."""
     from exportline.verify.runtime.backends import Backend
     from exportline.verify.runtime.onnx_runner import ort_bench_options
 
     runner = _runner_class()
 
     def make(peer: str):
-        return lambda root, **options: runner(Path(exports[peer].graph), peer=peer, **options)
+        return lambda root, **options: runner(Path(graphs[peer]), peer=peer, **options)
 
     return {p: Backend(p, f"ONNX Runtime, {p}'s fp32 graph", "fp32", "onnx", make(p), ort_bench_options)
-            for p in exports}
+            for p in graphs}
 
 
 def _last_logits(point, layout, runner, *, seed: int):
@@ -93,8 +94,10 @@ def _last_logits(point, layout, runner, *, seed: int):
     return out["logits"][:, -1, :].copy()
 
 
-def measure_latency(hf: Path, exports: dict[str, Export], *, settings: dict, progress) -> tuple[dict, dict]:
-    """ORT latency of every exported graph, ABBA over rounds; (runs by peer, logits by point/peer)."""
+def measure_latency(hf: Path, graphs: dict[str, Path], *, settings: dict, progress,
+                    workloads: tuple[str, ...] = ("prefill", "decode")) -> tuple[dict, dict]:
+    """ORT latency of every graph (name → model.onnx; `hf` holds the config.json that shapes the
+    feeds), ABBA over rounds; (runs by name, logits by point/name)."""
     from exportline.bench.harness import BenchConfig, _run_rounds
     from exportline.bench.timing import Device
     from exportline.bench.workloads import Point, prepare
@@ -102,9 +105,10 @@ def measure_latency(hf: Path, exports: dict[str, Export], *, settings: dict, pro
     from exportline.exporters.sources.hf_writer import load_config
 
     layout = KVLayout.from_config(load_config(hf))
-    points = [Point("prefill", settings["batch"], settings["prompt"], 0), Point("decode", settings["batch"],
-                                                                                  settings["past"], 1)]
-    cfg = BenchConfig(backends=tuple(exports), batches=(settings["batch"],), warmup=settings["warmup"],
+    every = {"prefill": Point("prefill", settings["batch"], settings["prompt"], 0),
+             "decode": Point("decode", settings["batch"], settings["past"], 1)}
+    points = [every[w] for w in workloads]
+    cfg = BenchConfig(backends=tuple(graphs), batches=(settings["batch"],), warmup=settings["warmup"],
                       repeat=settings["repeat"], threads=settings["threads"], rounds=settings["rounds"])
     logits: dict[str, dict] = {p.key: {} for p in points}
 
@@ -113,7 +117,7 @@ def measure_latency(hf: Path, exports: dict[str, Export], *, settings: dict, pro
             logits[point.key][runner.peer] = _last_logits(point, layout, runner, seed=0)
         return prepare(point, layout, runner, seed=0)
 
-    registry = _registry(exports)
+    registry = graph_registry(graphs)
     runs = _run_rounds(hf, points, prep=prep, cfg=cfg, device=Device("cpu"), progress=progress, registry=registry,
                        factory=lambda root, peer, **options: registry[peer].make(root, **options))
     return {run.backend: run for run in runs}, logits
@@ -250,7 +254,8 @@ def run_peers(source: str, out: Path, *, peers: list[str], settings: dict, pytho
                      f"{name}: {ex.wall_s:.1f} s, {ex.peak_rss_bytes / 2**30:.2f} GiB, {len(ex.files)} files")
     # The warm export rewrote the cold one's files: one graph to time (equal bytes: see _rows).
     ready = {p: e for p, e in exports.items() if e.status == "ok" and p != WARM}
-    runs, logits = measure_latency(bundle, ready, settings=settings, progress=progress) if ready else ({}, {})
+    graphs = {p: Path(e.graph) for p, e in ready.items()}
+    runs, logits = measure_latency(bundle, graphs, settings=settings, progress=progress) if ready else ({}, {})
     report = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": {**settings, "source": source, "hf_folder": str(bundle), "overrides": overrides,
                            "pythons": {k: str(v) for k, v in pythons.items()}, "timing":

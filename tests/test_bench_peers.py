@@ -33,9 +33,11 @@ def test_three_peers_export_and_time_the_same_model(tmp_path):
     report = json.loads((out / "peers.json").read_text())
     rows = {r["peer"]: r for r in report["peers"]}
     assert list(rows) == ["exportline", "exportline-warm", "optimum", "genai"]
-    # exportline twice: cold traced into an empty graph cache, warm reused it; the same files.
+    # exportline twice, cold (empty graph cache) and warm; the tiny preset is a Llama, whose
+    # graph is written by hand (onnx/llama_graph.py): neither row traces or uses the cache,
+    # and both write the same files.
     cold, warm = rows["exportline"], rows.pop("exportline-warm")
-    assert (cold["graph_cache"], warm["graph_cache"]) == ("stored", "hit")
+    assert (cold["graph_cache"], warm["graph_cache"]) == ("not used (nothing traced)",) * 2
     assert warm["status"] == "ok" and warm["same_files_as_cold"] and warm["sha256"] == cold["sha256"]
     assert _positive(warm["wall_s"]) and _positive(warm["stage_wall_s"]) and warm["peak_rss_bytes"] > 20 * 2**20
     assert "prefill_ms" not in warm and warm["latency"].startswith("not timed: the very graph of the cold row")
@@ -45,7 +47,10 @@ def test_three_peers_export_and_time_the_same_model(tmp_path):
         for key in ("wall_s", "peak_rss_bytes", "total_bytes", "prefill_ms", "decode_ms", "prefill_min_ms", "decode_min_ms",
                     "prefill_ratio_vs_exportline", "decode_ratio_vs_exportline"):
             assert _positive(row[key]), (peer, key, row[key])
-        assert row["peak_rss_bytes"] > 100 * 2**20  # a child that imported torch, not the parent
+        if peer != "exportline":
+            assert row["peak_rss_bytes"] > 100 * 2**20  # a child that imported torch, not the parent
+        else:  # the graph written by hand imports no torch: a child's own peak, below the peers'
+            assert 20 * 2**20 < row["peak_rss_bytes"] < min(rows[p]["peak_rss_bytes"] for p in ("optimum", "genai"))
         assert row["total_bytes"] == sum((Path(row["folder"]) / f).stat().st_size for f in row["files"])
         # two rounds × three runs per point, pooled
         assert all(len(w["samples_s"]) == 6 for w in row["latency"].values())

@@ -65,9 +65,17 @@ def traced(tmp_path_factory):
     cache = tmp_path_factory.mktemp("traced-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EXPORTLINE_CACHE", str(cache))
+        mp.setenv("EXPORTLINE_ONNX_BUILDER", "trace")
         record = _export(_write_folder(root / "a", "llama", seed=0))
     assert record["info"]["tracing"]["graph_cache"] == "stored"
     return root / "a", cache
+
+
+@pytest.fixture(autouse=True)
+def _traced_path(monkeypatch):
+    """The cache serves traced graphs: a Llama is written by hand unless tracing is forced
+    (child processes inherit the switch)."""
+    monkeypatch.setenv("EXPORTLINE_ONNX_BUILDER", "trace")
 
 
 def _warm_cache(traced) -> Path:

@@ -135,7 +135,12 @@ def test_int8_perplexity_within_5_percent_of_fp32(trained):
     assert ppl["int8"] <= 1.05 * ppl["fp32"] and ppl["fp32"] < vocab / 8
     assert agreement >= 0.95
     assert abs(ppl["fp16"] / ppl["fp32"] - 1) < 0.01
-    assert next(s for s in report.stages if s.stage == "fp16").status == "passed", report.first_failure()
+    fp16 = next(s for s in report.stages if s.stage == "fp16")
+    assert fp16.status == "passed", report.first_failure()
+    # trained weights: top-1 is gated once, pooled over every case (per-case rows gate rel_l2)
+    (pooled,) = [r for r in fp16.rows if r.case == "every case, pooled"]
+    assert pooled.bounds == {"top1": 0.99} and pooled.metrics["top1"] >= 0.99 and pooled.shape[0] >= 200
+    assert all(set(r.bounds) == {"rel_l2"} for r in fp16.rows if r.output == "logits" and r is not pooled)
     assert "never calibrated on" in int8.extra["heldout"]
 
 

@@ -17,6 +17,7 @@ from exportline.exporters.core.errors import ArtifactError, SourceError, Unsuppo
 from exportline.exporters.core.pipeline import run_pipeline
 from exportline.exporters.core.presets import load_preset, load_thresholds
 from exportline.exporters.core.shapes import KVLayout
+from exportline.exporters.onnx import llama_graph
 from exportline.exporters.onnx.export import ARCHITECTURES, DATA_FILE, MODEL_FILE, OPSET
 from exportline.exporters.onnx.files_check import check_onnx_files
 from exportline.exporters.onnx.replicate import TRACE_LAYERS
@@ -27,8 +28,9 @@ from exportline.verify.metrics import compare
 # One tiny model per supported architecture (optimum's habit: a registered architecture
 # without a test model fails test_every_architecture_has_a_test_model). "preset" = exported
 # from a preset by the hf stage; the others are written with save_pretrained.
-# The preset has 2 layers (every layer traced); the others 6, so 4 are traced and 2 copied
-# (onnx_replicate.py): both paths are checked against the reference.
+# llama (the 2-layer preset), mistral and qwen2 take the default path, the graph written by
+# hand (onnx/llama_graph.py); gpt2 and phi3 are traced, 6 layers, so 4 are traced and 2
+# copied (onnx_replicate.py): every path is checked against the reference.
 LAYERS = 6
 _SMALL = dict(vocab_size=96, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _DECODER = dict(_SMALL, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4)
@@ -236,11 +238,22 @@ def test_graph_declares_shapes_py_io_and_one_data_file(exported):
     info = record["info"]
     assert info["opset"] == OPSET and info["graph_nodes"] == len(model.graph.node)
     assert info["files"][DATA_FILE] == (root / "onnx" / DATA_FILE).stat().st_size
-    assert "torch" in info["exporter"] and record["status"] == "done"
-    copied = 0 if layout.num_layers <= TRACE_LAYERS else layout.num_layers - TRACE_LAYERS
-    tracing = {k: v for k, v in info["tracing"].items() if not k.startswith("graph_cache")}
-    assert tracing == {"layers_traced": layout.num_layers - copied, "layers_copied": copied}
-    assert info["tracing"]["graph_cache"] == "stored"  # a cold export into its own cache
+    assert record["status"] == "done"
+    declined = llama_graph.plan_for(json.loads((root / "config.json").read_text()))
+    if not isinstance(declined, str):  # Llama family: written by hand, nothing traced or cached
+        assert ref.config.model_type in llama_graph.FAMILIES and info["exporter"] == llama_graph.BUILDER
+        assert model.producer_name == "exportline"
+        assert info["tracing"] == {"builder": llama_graph.BUILDER, "layers_traced": 0, "layers_written": layout.num_layers,
+                                   "graph_cache": "not used (nothing traced)"}
+    else:
+        assert "torch" in info["exporter"] and info["tracing"]["not_built_by_hand"] == declined
+        chain = {p.key: p.value for p in model.metadata_props}["exportline.made_by"].split(" -> ")
+        # the producer is the tool that emitted the operators (onnx/metadata.py); the chain says the rest
+        assert model.producer_name == "pytorch" and chain[0].startswith("torch ") and chain[1].startswith("exportline ")
+        copied = 0 if layout.num_layers <= TRACE_LAYERS else layout.num_layers - TRACE_LAYERS
+        tracing = {k: v for k, v in info["tracing"].items() if not k.startswith("graph_cache") and k != "not_built_by_hand"}
+        assert tracing == {"layers_traced": layout.num_layers - copied, "layers_copied": copied}
+        assert info["tracing"]["graph_cache"] == "stored"  # a cold export into its own cache
     assert check_onnx_files(root / "onnx" / MODEL_FILE).data_files == (root / "onnx" / DATA_FILE,)
 
 
@@ -263,6 +276,7 @@ def _initializers(root: Path) -> dict[str, bytes]:
 def test_copied_layers_make_the_graph_a_full_trace_makes(tmp_path, monkeypatch):
     from exportline.exporters.onnx import replicate as onnx_replicate
 
+    monkeypatch.setenv("EXPORTLINE_ONNX_BUILDER", "trace")  # copying is the traced path's (qwen2 is built by default)
     copied, full = tmp_path / "copied", tmp_path / "full"
     for root in (copied, full):
         _write_hf_folder(root, "qwen2")

@@ -1,5 +1,7 @@
 """HF causal LM folder → onnx/model.onnx + ONE model.onnx_data, with a KV cache (DESIGN.md §4).
 
+Llama-family configs get a graph written op by op (onnx/llama_graph.py: no torch, no tracing);
+every other model, or a config that module does not know, is traced as follows.
 The graph is traced from a skeleton whose parameters are allocated but never written, so
 their pages never become resident: torch.export only needs shapes and dtypes. Deep models
 are traced with 4 decoder layers and the rest copied in the ONNX graph once the copy is
@@ -326,6 +328,9 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
 
     check_architecture(hf_dir)
     weights = CheckpointWeights(hf_dir)  # headers only: fails fast on a broken checkpoint
+    built = _build_by_hand(hf_dir, weights, opset=opset, progress=progress, lap=lap)
+    if not isinstance(built, str):
+        return built, weights
     material = graph_cache.key_material(hf_dir, weights, opset=opset)
     key = graph_cache.cache_key(material)
     status = "off (EXPORTLINE_GRAPH_CACHE)"
@@ -341,6 +346,7 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
             except graph_cache.DamagedEntry as exc:
                 status = f"stored (replaced a damaged entry: {exc})"
     ir_model, config, tracing = _trace_checkpoint(hf_dir, weights, opset=opset, progress=progress, lap=lap)
+    tracing["not_built_by_hand"] = built
     layout = KVLayout.from_config(config)
     if weights.keys_read:  # folding read a weight: the structure holds this checkpoint's values
         from exportline.exporters.onnx.graph_cache import CachedGraph
@@ -353,6 +359,29 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
         status = status if (written := graph_cache.write_entry(key, data, entry)) == "stored" else written
     # The cold export writes what a hit would: the entry read back, weights re-attached.
     return _with_status(graph_cache.attach(data, entry, weights), status, key), weights
+
+
+BUILDER_SWITCH = "EXPORTLINE_ONNX_BUILDER"  # "trace": always torch.onnx; default "auto"
+
+
+def _build_by_hand(hf_dir: Path, weights, *, opset: int, progress, lap):
+    """The Llama-family graph written without tracing (onnx/llama_graph.py), or why not."""
+    import os
+
+    from exportline.exporters.onnx import llama_graph
+    from exportline.exporters.onnx.graph_cache import CachedGraph
+
+    if os.environ.get(BUILDER_SWITCH, "auto").strip().lower() == "trace":
+        return f"{BUILDER_SWITCH}=trace"
+    built = llama_graph.build(hf_dir, weights, opset=opset)
+    if isinstance(built, str):
+        progress(f"onnx: tracing with torch.onnx ({built})")
+        return built
+    model, layout, facts = built
+    progress(f"onnx: {layout.num_layers}-layer graph written by hand, no tracing")
+    lap("build")
+    architecture = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
+    return CachedGraph(model, layout, architecture, {**facts, "graph_cache": "not used (nothing traced)"})
 
 
 def _with_status(graph, status: str, key: str):
@@ -389,8 +418,7 @@ def export_onnx(
 ) -> OnnxExport:
     """Write out_dir/model.onnx + out_dir/model.onnx_data for the HF folder `hf_dir`; `source`
     (the source's description) goes into the graph's metadata_props (exporters/onnx/metadata.py)."""
-    from exportline.exporters.onnx.graph_cache import tool_version
-    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
+    from exportline.exporters.onnx.metadata import graph_metadata, stamp
     from exportline.exporters.onnx.weights import save
 
     seconds: dict[str, float] = {}
@@ -406,14 +434,13 @@ def export_onnx(
     ir_model, layout = graph.model, graph.layout
     progress(f"onnx: writing {weights.nbytes / 2**30:.2f} GiB of weights into {DATA_FILE}")
     stamp(ir_model, graph_metadata(source=source or {"kind": "hf", "path": str(hf_dir)}, precision="fp32", layout=layout,
-                                   made_by=[f"torch {tool_version('torch')} torch.export + torch.onnx",
-                                            f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)"]))
+                                   made_by=graph.made_by()))
     out_dir.mkdir(parents=True, exist_ok=True)
     save(ir_model, out_dir / MODEL_FILE, DATA_FILE)
     lap("write")
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()}
     return OnnxExport(
-        opset=opset, exporter=EXPORTER, architecture=graph.architecture,
+        opset=opset, exporter=graph.tracing.get("builder") or EXPORTER, architecture=graph.architecture,
         nodes=sum(1 for _ in ir_model.graph), initializers=len(ir_model.graph.initializers),
         weight_bytes=weights.nbytes, files=files, seconds=seconds, tracing=graph.tracing,
     )

@@ -58,6 +58,15 @@ class CachedGraph:
     architecture: str
     tracing: dict[str, Any]  # layers traced/copied (+ copy_refused), graph_cache: hit | stored | …
 
+    def made_by(self) -> list[str]:
+        """The tools behind the graph, for metadata_props (onnx/metadata.py)."""
+        from exportline.exporters.onnx.metadata import exportline_version
+
+        if self.tracing.get("builder"):
+            return [f"exportline {exportline_version()} {self.tracing['builder']}"]
+        return [f"torch {tool_version('torch')} torch.export + torch.onnx",
+                f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)"]
+
 
 def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "on").strip().lower() not in ("off", "0", "no", "false")

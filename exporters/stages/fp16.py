@@ -72,7 +72,7 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
     del proto
     overflow: dict[str, int] = {}
     retyped = float16_conversions(converted, stored, overflow)
-    _stamp_direct(ctx, converted, graph.layout)
+    _stamp_direct(ctx, converted, graph)
     target = ctx.tmp / TARGET
     ctx.progress(f"fp16: streaming {weights.nbytes / 2**30:.2f} GiB of checkpoint weights into model_fp16.onnx_data")
     files = save_streamed(converted, None, target, tensors=checkpoint_tensors(lazies, retyped))
@@ -84,15 +84,13 @@ def _run_direct(ctx: StageContext) -> dict[str, Any]:
             "tracing": graph.tracing, "architecture": graph.architecture}
 
 
-def _stamp_direct(ctx: StageContext, converted, layout) -> None:
+def _stamp_direct(ctx: StageContext, converted, graph) -> None:
     import onnxruntime
 
-    from exportline.exporters.onnx.graph_cache import tool_version
-    from exportline.exporters.onnx.metadata import exportline_version, graph_metadata, stamp
+    from exportline.exporters.onnx.metadata import graph_metadata, stamp
 
-    stamp(converted, graph_metadata(source=ctx.source.describe(), precision="fp16", layout=layout, made_by=[
-        f"torch {tool_version('torch')} torch.export + torch.onnx",
-        f"exportline {exportline_version()} graph edits (layer copies, weight folding, I/O names)",
+    stamp(converted, graph_metadata(source=ctx.source.describe(), precision="fp16", layout=graph.layout, made_by=[
+        *graph.made_by(),
         f"onnxruntime {onnxruntime.__version__} float16 converter + exportline float32 islands, weights straight from the HF folder",
     ]))
 

@@ -1,7 +1,8 @@
 """Checks of the fp16 and int8 stages (DESIGN.md §6), on ONNX Runtime CPU.
 
 fp16: onnx/model_fp16.onnx against the float64 reference over every case of verify/cases.py;
-pass when logits have relative L2 ≤ thresholds.fp16.rel_l2 and top-1 ≥ thresholds.fp16.top1.
+pass when logits have relative L2 ≤ thresholds.fp16.rel_l2 in every case and top-1 ≥
+thresholds.fp16.top1 over the positions of all cases together.
 present.* are reported with their metrics but not judged (DESIGN.md bounds the logits);
 greedy tokens against the float64 reference are reported, not judged.
 
@@ -45,12 +46,16 @@ RANDOM_INIT_RULE = (
     "are reported, not gated; the gate is int8 vs fp32 logits (rel_l2, cosine, top-1 over positions whose fp32 "
     "margin exceeds the quantization noise); tests/test_int8.py judges perplexity on a trained model"
 )
-FP16_RULE = "logits: rel_l2 and top-1 against float64 on every case"
+FP16_RULE = (
+    "logits: rel_l2 against float64 on every case; top-1 pooled over every case's positions (one case of "
+    "64 positions cannot show 99 %: a single flip at a near tie is 98.4 %)"
+)
 FP16_RANDOM_INIT_RULE = (
     "random-init weights: logits rel_l2 on every case, and top-1 over the positions whose float64 margin exceeds "
     "the fp16 noise (plain top-1 on near-flat logits mostly counts ties: reported, not gated)"
 )
 TRAINED_RULE = "trained weights: int8 perplexity within the ratio of fp32 and top-1 agreement with fp32 on held-out text"
+_FP16_MARGIN_Z = 3.0  # trained weights: decided top-1 is reported beside the gated plain top-1
 GRAPHS = (("fp32", "onnx", "onnx"), ("fp16", "onnx-fp16", "fp16"), ("int8", "onnx-int8", "int8"))  # label, backend, stage
 
 
@@ -60,7 +65,7 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     # Random-init logits are near-flat: plain top-1 mostly counts near ties, so it is reported and
     # the gate is top-1 over the positions float64 has decided (thresholds.fp16_random_init).
     r = ctx.thresholds["fp16_random_init"] if ctx.random_init else None
-    logits_bounds = {"rel_l2": float(r["rel_l2"])} if r else {"rel_l2": float(t["rel_l2"]), "top1": float(t["top1"])}
+    logits_bounds = {"rel_l2": float((r or t)["rel_l2"])}
     agreement = LogitAgreement()
     candidate = make_runner(ctx.root, "onnx-fp16")
     expectations = float64_expectations(ctx, "fp16", greedy=True)
@@ -72,7 +77,7 @@ def check_fp16(ctx: CheckContext) -> StageReport:
         for case, feed, ref in expected:
             out = candidate.infer(feed)
             rows += _fp16_rows(case, out, ref, logits_bounds=logits_bounds)
-            if r and np.shape(out.get("logits")) == np.shape(ref["logits"]):
+            if np.shape(out.get("logits")) == np.shape(ref["logits"]):
                 keep = output_mask(case, "logits").astype(bool)
                 agreement.add(out["logits"][keep], ref["logits"][keep])
         tokens = greedy_tokens(candidate, layout, prompt)
@@ -80,6 +85,9 @@ def check_fp16(ctx: CheckContext) -> StageReport:
     if r:
         rows.append(agreement_row("fp16", "every case, positions float64 has decided", agreement, bounds=r,
                                   gated=("decided_top1", "decided_positions")))
+    else:
+        rows.append(agreement_row("fp16", "every case, pooled", agreement, gated=("top1",),
+                                  bounds={"rel_l2": t["rel_l2"], "top1": t["top1"], "margin_z": _FP16_MARGIN_Z}))
     return StageReport.from_rows(
         "fp16", rows, "HF transformers in torch float64 on CPU; logits judged, present.* and greedy tokens reported",
         greedy={"prompt": prompt, "torch float64": reference_tokens, "onnx-fp16": tokens},
