@@ -7,6 +7,7 @@ graph is sorted before it is saved.
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict, deque
 
 from exportline.exporters.core.errors import StageError
@@ -49,28 +50,33 @@ class GraphIndex:
 
 
 def topological_sort(graph) -> None:
-    """Reorder `graph.node` in place so every node comes after the producers of its inputs."""
+    """Reorder `graph.node` in place so every node comes after the producers of its inputs.
+
+    Stable: of the nodes ready to go, the earliest in the current order goes first, so an
+    order that is already topological is kept. (A breadth-first order interleaves a layer's
+    branches with the next layer's, and int8's layer-bounded calibration, which cuts the node
+    order, then kept attention intermediates across its cuts: 548 vs 275 MB at 10b, 8 layers.)"""
     produced = {o for n in graph.node for o in n.output if o}
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     waiting = {}
     readers = defaultdict(list)
-    ready = deque()
+    ready: list[int] = []
     for idx, node in enumerate(graph.node):
         missing = {i for i in node.input if i in produced and i not in available}
         waiting[idx] = len(missing)
         for name in missing:
             readers[name].append(idx)
         if not missing:
-            ready.append(idx)
+            heapq.heappush(ready, idx)
     order = []
     while ready:
-        idx = ready.popleft()
+        idx = heapq.heappop(ready)
         order.append(idx)
         for out in graph.node[idx].output:
             for reader in readers.pop(out, []):
                 waiting[reader] -= 1
                 if waiting[reader] == 0:
-                    ready.append(reader)
+                    heapq.heappush(ready, reader)
     if len(order) != len(graph.node):
         raise StageError("the rewritten graph has a cycle; this is a bug, please report it")
     nodes = [graph.node[i] for i in order]

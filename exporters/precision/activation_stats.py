@@ -55,17 +55,28 @@ def augment(graph_only, channels: dict[str, int]):
     aug = onnx.ModelProto()
     aug.CopyFrom(graph_only)
     outputs = []
+    after: dict[str, list] = {}  # producer's output → the observer nodes placed right after it
     for k, (tensor, size) in enumerate(channels.items()):
         shape, axes, flat, absval, out = (f"absmax{k}_{s}" for s in ("shape", "axes", "flat", "abs", "max"))
         aug.graph.initializer.extend([numpy_helper.from_array(np.array([-1, size], np.int64), shape),
                                       numpy_helper.from_array(np.array([0], np.int64), axes)])
-        aug.graph.node.extend([
+        after.setdefault(tensor, []).extend([
             helper.make_node("Reshape", [tensor, shape], [flat]),
             helper.make_node("Abs", [flat], [absval]),
             helper.make_node("ReduceMax", [absval, axes], [out], keepdims=0),
         ])
         aug.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [size]))
         outputs.append(out)
+    # Each observer right behind its tensor's producer, not at the end: segmented statistics
+    # cut the node order, and an observer at the end would keep its tensor alive until then.
+    nodes = after.pop("", [])
+    nodes += [n for name in [i.name for i in aug.graph.input] for n in after.pop(name, [])]
+    for node in aug.graph.node:
+        nodes.append(node)
+        nodes += [n for name in node.output for n in after.pop(name, [])]
+    nodes += [n for rest in after.values() for n in rest]  # initializers observed (none today)
+    del aug.graph.node[:]
+    aug.graph.node.extend(nodes)
     return aug, outputs
 
 
