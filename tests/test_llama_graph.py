@@ -277,3 +277,20 @@ def test_no_key_value_copies_and_every_rms_norm_fuses(built, name, tmp_path):
     counts = _op_counts(optimized)
     fused = counts.get("SimplifiedLayerNormalization", 0) + counts.get("SkipSimplifiedLayerNormalization", 0)
     assert fused == 2 * LAYERS + 1, counts
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ({"partial_rotary_factor": "half"}, "cannot read"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_builder_declines_with_a_reason_instead_of_raising(tmp_path, extra, reason):
+    """A config the builder cannot read or does not write is a reason (the stage then traces,
+    and transformers' own config check speaks), never an exception from the builder."""
+    from exportline.exporters.onnx.llama_graph import build
+
+    config = {"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2,
+              "intermediate_size": 128, "vocab_size": 256, "rms_norm_eps": 1e-5, **extra}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got = build(tmp_path, None, opset=18)
+    assert isinstance(got, str) and reason in got

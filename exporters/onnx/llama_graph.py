@@ -170,7 +170,10 @@ def build(hf_dir: Path, weights, *, opset: int):
         config = json.loads((Path(hf_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         return f"config.json unreadable ({exc})"
-    plan = plan_for(config)
+    try:
+        plan = plan_for(config)
+    except (TypeError, ValueError, AttributeError) as exc:  # odd values: the traced path's config check explains them
+        return f"config.json values this builder cannot read ({exc})"
     if isinstance(plan, str):
         return plan
     layout = layout_of(config)
