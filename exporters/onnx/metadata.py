@@ -9,11 +9,12 @@ keys, so a graph copied out of its bundle still tells where it came from:
     exportline.io_convention  the inputs/outputs by name and dims (shapes.py; optimum/transformers.js names)
     exportline.made_by        the tools that produced the graph, in order
 
-producer_name/producer_version stay what the tool that emitted the operators wrote: torch's
-exporter ("pytorch") for the fp32 graph and the fp16 graph converted from it, onnxruntime's
-quantizer ("onnx.quantize") for int8. exportline edits graphs (layer copies, renames, casts,
-Q/DQ placement) but does not generate the operators, so it does not claim to be the producer;
-`exportline.made_by` records the whole chain instead.
+producer_name/producer_version stay what the tool that emitted the operators wrote: exportline
+for the Llama-family graphs it writes op by op (onnx/llama_graph.py), torch's exporter
+("pytorch") for traced graphs and the fp16 graphs converted from either, onnxruntime's
+quantizer ("onnx.quantize") for int8. Where exportline only edits a graph (layer copies,
+renames, casts, Q/DQ placement) it does not claim to be the producer; `exportline.made_by`
+records the whole chain instead.
 """
 
 from __future__ import annotations
