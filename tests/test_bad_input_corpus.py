@@ -229,14 +229,17 @@ def test_read_only_output_leaves_no_temp_and_no_traceback(tmp_path, monkeypatch)
 def test_sigint_says_interrupted_and_exits_130(tmp_path):
     proc = subprocess.Popen([*exportline_cmd(), "export", "tiny", "--out", str(tmp_path / "out")],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    # Interrupt mid-stage, when there is something to clean up: the hf stage has made its temp
-    # folder when it says it is running and works for ~0.5 s after. (Polling for the folder
-    # missed the whole window on a loaded CI machine once the onnx stage stopped tracing.)
+    # Interrupt mid-stage, when there is something to clean up: the hf stage makes its temp
+    # folder right after it says it is running, and works ~0.5 s in it. (Polling for the folder
+    # alone missed every window on a loaded CI machine once the onnx stage stopped tracing.)
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if line.startswith("hf: running"):
             break
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "out" / ".exportline-tmp").exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
     assert (tmp_path / "out" / ".exportline-tmp").exists(), "".join(seen)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

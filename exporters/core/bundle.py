@@ -303,9 +303,9 @@ class Bundle:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 carry_digest(src, dest, lambda src=src, dest=dest: os.replace(src, dest))
                 moved.append(rel.as_posix())
-        except OSError:
-            # e.g. a read-only onnx/: the files already moved are not recorded anywhere, so
-            # they go (a rerun then finds the stage's outputs missing and redoes it).
+        except BaseException:
+            # e.g. a read-only onnx/, or Ctrl-C: the files already moved are not recorded
+            # anywhere, so they go (a rerun then finds the stage's outputs missing and redoes it).
             for rel in moved:
                 (self.root / rel).unlink(missing_ok=True)
             _rmtree(tmp)

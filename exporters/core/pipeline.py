@@ -201,9 +201,9 @@ def _run_stage(
         progress(f"{stage.name}: unchanged, skipped (use --force to rerun)")
         return {**previous, "status": "done", "cached": True}
 
-    ctx.tmp = bundle.tmp_dir(stage.name)
     progress(f"{stage.name}: running")
-    try:
+    try:  # from the temp folder's making on: an interrupt anywhere leaves nothing behind
+        ctx.tmp = bundle.tmp_dir(stage.name)
         with measure() as m:
             info = stage.run(ctx) or {}
     except NotAvailable as exc:
@@ -216,12 +216,15 @@ def _run_stage(
         if translated is None:
             raise
         raise translated from None
-    share_like_umask(ctx.tmp)
     try:
+        share_like_umask(ctx.tmp)
         outputs = bundle.commit(ctx.tmp)
     except OSError as exc:
         bundle.clean_tmp()
         raise _user_error(stage.name, exc) from None
+    except BaseException:  # Ctrl-C between the stage and its commit
+        bundle.clean_tmp()
+        raise
     _remove_stale(bundle, previous, outputs)
     progress(f"{stage.name}: done in {m.wall_s:.1f}s, peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB")
     return {
