@@ -79,7 +79,10 @@ def _check_depth_independent(held: dict[int, int], dests: dict) -> None:
     bound = 3 * largest8 + SLACK  # the source tensor, its converted copy, one more in flight
     assert held[2] <= bound and held[8] <= bound, (held, bound)
     assert held[8] < total8 / 2, (held, total8)  # far from holding the model
-    assert held[8] <= held[2] + 2 * largest8 + SLACK, held  # does not grow with depth
+    # does not grow with depth: 8 layers hold at most what 2 layers did (or one tensor, when the
+    # 2-layer run reused the warm-up's memory and measured almost nothing: 132 KiB once in CI)
+    # plus two tensors in flight
+    assert held[8] <= max(held[2], largest8) + 2 * largest8 + SLACK, held
 
 
 def _nanogpt_ckpts(tmp_path) -> dict:
