@@ -11,9 +11,9 @@ keys, so a graph copied out of its bundle still tells where it came from:
 
 producer_name/producer_version stay what the tool that emitted the operators wrote: exportline
 for the Llama-family graphs it writes op by op (onnx/llama_graph.py), torch's exporter
-("pytorch") for traced graphs; the fp16 and int8 graphs keep their fp32 graph's. Where exportline only edits a graph (layer copies,
-renames, casts, Q/DQ placement) it does not claim to be the producer; `exportline.made_by`
-records the whole chain instead.
+("pytorch") for traced graphs; the fp16 and int8 graphs keep their fp32 graph's. Where
+exportline only edits a graph (layer copies, renames, casts, Q/DQ placement) it does not
+claim to be the producer; `exportline.made_by` records the whole chain instead.
 """
 
 from __future__ import annotations
