@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from exportline.exporters.core.errors import SourceError
 from exportline.exporters.core.shapes import KVLayout
 
 BUILDER = "exportline Llama-family graph builder (no tracing)"
@@ -138,13 +137,9 @@ class _Weights:
         self.made: dict[str, Any] = {}  # initializer name → value (a tied embedding is read twice)
 
     def key(self, name: str, shape: tuple[int, ...]) -> str:
-        key = self.weights.key_for([name], "model")
-        if key is None:
-            raise SourceError(f"{self.weights.folder}: no tensor {name!r} in the safetensors; the weights do not match config.json")
-        if tuple(self.weights.tensors[key].shape) != shape:
-            raise SourceError(f"{self.weights.folder}: {key} has shape {list(self.weights.tensors[key].shape)}, "
-                              f"config.json implies {list(shape)}")
-        return key
+        from exportline.exporters.onnx.weights import checkpoint_key
+
+        return checkpoint_key([name], self.weights, "model", shape=shape)
 
     def get(self, name: str, shape: tuple[int, ...], *, transposed: bool = False):
         import onnx_ir as ir

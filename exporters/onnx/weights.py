@@ -140,12 +140,17 @@ def transpose_into(out: np.ndarray, view: np.ndarray) -> np.ndarray:
     return out
 
 
-def _checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: str) -> str:
+def checkpoint_key(names: list[str], weights: CheckpointWeights, base_prefix: str, *,
+                   shape: tuple[int, ...] | None = None) -> str:
+    """The stored key of a parameter known by `names`, which must be `shape` when given; a
+    one-line SourceError when the checkpoint lacks it or holds another shape."""
     key = weights.key_for(names, base_prefix)
     if key is None:
         raise SourceError(
             f"{weights.folder}: no tensor {names[0]!r} in the safetensors; the weights do not match config.json"
         )
+    if shape is not None and tuple(weights.tensors[key].shape) != tuple(shape):
+        raise SourceError(f"{weights.folder}: {key} has shape {list(weights.tensors[key].shape)}, config.json implies {list(shape)}")
     return key
 
 
@@ -162,11 +167,7 @@ def check_checkpoint_covers(model, weights: CheckpointWeights) -> None:
     mismatched checkpoint fails in a second, not after the trace."""
     aliases = _aliases(model)
     for name, p in model.named_parameters():
-        key = _checkpoint_key(aliases[name], weights, model.base_model_prefix)
-        if tuple(weights.tensors[key].shape) != tuple(p.shape):
-            raise SourceError(
-                f"{weights.folder}: {key} has shape {list(weights.tensors[key].shape)}, config.json implies {list(p.shape)}"
-            )
+        checkpoint_key(aliases[name], weights, model.base_model_prefix, shape=tuple(p.shape))
 
 
 def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> dict[str, WeightSource]:
@@ -183,7 +184,7 @@ def attach_weights(graph, model, weights: CheckpointWeights, *, prefix: str) -> 
     for value in list(graph.initializers.values()):
         fqn = value.name[len(prefix):] if value.name.startswith(prefix) else value.name
         if fqn in by_name:
-            key = _checkpoint_key(by_name[fqn], weights, model.base_model_prefix)
+            key = checkpoint_key(by_name[fqn], weights, model.base_model_prefix)
         elif fqn in persistent and fqn in weights:
             key = fqn
         else:
