@@ -326,9 +326,9 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
     from exportline.exporters.onnx import graph_cache
     from exportline.exporters.sources.weights_reader import CheckpointWeights
 
-    check_architecture(hf_dir)
+    model_type = check_architecture(hf_dir)
     weights = CheckpointWeights(hf_dir)  # headers only: fails fast on a broken checkpoint
-    built = _build_by_hand(hf_dir, weights, opset=opset, progress=progress, lap=lap)
+    built = _build_by_hand(hf_dir, weights, model_type, opset=opset, progress=progress, lap=lap)
     if not isinstance(built, str):
         return built, weights
     material = graph_cache.key_material(hf_dir, weights, opset=opset)
@@ -364,7 +364,7 @@ def trace_graph(hf_dir: Path, *, opset: int = OPSET, progress: Callable[[str], N
 BUILDER_SWITCH = "EXPORTLINE_ONNX_BUILDER"  # "trace": always torch.onnx; default "auto"
 
 
-def _build_by_hand(hf_dir: Path, weights, *, opset: int, progress, lap):
+def _build_by_hand(hf_dir: Path, weights, model_type: str, *, opset: int, progress, lap):
     """The Llama-family graph written without tracing (onnx/llama_graph.py), or why not."""
     import os
 
@@ -380,8 +380,7 @@ def _build_by_hand(hf_dir: Path, weights, *, opset: int, progress, lap):
     model, layout, facts = built
     progress(f"onnx: {layout.num_layers}-layer graph written by hand, no tracing")
     lap("build")
-    architecture = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
-    return CachedGraph(model, layout, architecture, {**facts, "graph_cache": "not used (nothing traced)"})
+    return CachedGraph(model, layout, model_type, {**facts, "graph_cache": "not used (nothing traced)"})
 
 
 def _with_status(graph, status: str, key: str):

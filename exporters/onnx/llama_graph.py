@@ -210,10 +210,9 @@ class _Builder:
         return self._consts[key]
 
     def input(self, spec):
+        """A graph input of `spec`'s type; name_io gives it its name and dims."""
         ir = self.ir
-        dtype = ir.DataType.FLOAT if spec.dtype == "float" else ir.DataType.INT64
-        shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.dims])
-        return ir.Value(name=spec.name, shape=shape, type=ir.TensorType(dtype))
+        return ir.Value(type=ir.TensorType(ir.DataType.FLOAT if spec.dtype == "float" else ir.DataType.INT64))
 
     def linear(self, x, name: str, shape: tuple[int, int], *, bias: bool):
         """x·Wᵀ (+ b) for the checkpoint's Linear `name` with weight [out, in] = `shape`."""
@@ -228,6 +227,8 @@ class _Builder:
 
     # -- the graph -----------------------------------------------------------------------
     def model(self):
+        from exportline.exporters.onnx.export import name_io
+
         ir, p = self.ir, self.plan
         inputs = [self.input(s) for s in self.layout.inputs()]
         ids, attention_mask, position_ids, past = inputs[0], inputs[1], inputs[2], inputs[3:]
@@ -247,12 +248,11 @@ class _Builder:
             head = self.w.get("lm_head.weight", (p.vocab, p.hidden), transposed=True)
         logits = self.op("MatMul", hidden, head)
         outputs = [logits, *presents]
-        for value, spec in zip(outputs, self.layout.outputs()):
-            value.name = spec.name
-            value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.dims])
+        for value in outputs:
             value.type = ir.TensorType(ir.DataType.FLOAT)
         graph = ir.Graph(inputs, outputs, nodes=self.tape.nodes, initializers=self.tape.initializers,
                          opset_imports={"": self.opset}, name="main_graph")
+        name_io(graph, self.layout)  # shapes.py's names and dims, as on the traced path
         model = ir.Model(graph, ir_version=10, producer_name="exportline")
         import onnx_ir.passes.common as passes
 
